@@ -1,0 +1,19 @@
+# rvae-tools workflow: microscopy movie -> detections -> trajectories -> windows -> rVAE latents
+# -> ensemble dynamics and figures. Each rule wires files to one `rvae-tools` CLI call.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/simulate.smk"
+include: "workflow/rules/ingest.smk"
+
+
+rule all:
+    input:
+        final_outputs(),
+    default_target: True

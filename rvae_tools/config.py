@@ -1,0 +1,248 @@
+"""Configuration: load, validate against the JSON schema, and hand each stage its settings.
+
+The schema lives in ``rvae_tools/schemas/config.schema.yaml`` (``workflow/schemas`` links to
+it) and is the single description of every key, its type, range and default. Validation
+fills in defaults, so a stage never needs its own fallback values.
+
+A stage's settings are its config section, merged with the per-movie overrides of that
+section (``movies.<name>.<section>``), validated again, with ``seed`` filled in from the
+top-level ``seed`` unless the section sets its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+
+from .errors import InputError
+
+#: Config sections a stage can ask for with :func:`stage_settings`.
+STAGE_SECTIONS = ("simulate", "segment", "track", "windows", "rvae", "dynamics", "figures")
+
+#: Keys of a movie entry that are reader options rather than per-stage overrides.
+MOVIE_READER_KEYS = ("path", "simulate", "channel", "invert", "crop", "frames", "pixel_size",
+                     "pixel_unit", "frame_interval", "dataset")
+
+
+def schema_path() -> Path:
+    """Path of the packaged config schema."""
+    return Path(str(resources.files("rvae_tools") / "schemas" / "config.schema.yaml"))
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict[str, Any]:
+    """The config schema as a dict (parsed once)."""
+    return yaml.safe_load(schema_path().read_text())
+
+
+def _extend_with_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFillingValidator = _extend_with_defaults(Draft202012Validator)
+
+
+def _key_path(error) -> str:
+    parts = [str(p) for p in error.absolute_path]
+    return ".".join(parts) if parts else "(top level)"
+
+
+def _describe(error) -> str:
+    """One line saying which key is wrong and what was expected."""
+    where = _key_path(error)
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        if error.schema.get("patternProperties") or error.schema.get("additionalProperties") not in (False, None):
+            return f"{where}: {error.message}"
+        keys = ", ".join(repr(k) for k in extra)
+        return f"{where}: unknown key {keys}; expected one of: {', '.join(allowed)}"
+    if error.validator == "type":
+        expected = error.validator_value
+        expected = " or ".join(expected) if isinstance(expected, list) else expected
+        return f"{where}: {error.instance!r} is not of type {expected}"
+    if error.validator == "enum":
+        return f"{where}: {error.instance!r} is not one of {', '.join(map(repr, error.validator_value))}"
+    if error.validator in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        relation = {
+            "minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<",
+        }[error.validator]
+        return f"{where}: {error.instance!r} is out of range; expected a value {relation} {error.validator_value}"
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    return f"{where}: {error.message}"
+
+
+def _validate(instance: Any, schema: dict[str, Any], source: str) -> None:
+    validator = _DefaultFillingValidator(schema)
+    errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
+    if errors:
+        # Report the deepest, most specific error first: that is the key the user must fix.
+        error = max(errors, key=lambda e: len(e.absolute_path))
+        raise InputError(f"{source}: {_describe(error)}")
+
+
+def validate_config(config: dict[str, Any] | None, source: str = "config") -> dict[str, Any]:
+    """Validate a whole config (in place), filling in defaults.
+
+    Parameters
+    ----------
+    config : dict
+        The parsed config (e.g. Snakemake's ``config``).
+    source : str
+        Where it came from, for error messages (a file name).
+
+    Returns
+    -------
+    dict
+        The same dict, with defaults filled in.
+
+    Raises
+    ------
+    InputError
+        One line naming the key and what was expected.
+    """
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise InputError(f"{source}: the config must be a mapping of keys to values, got {type(config).__name__}")
+    _validate(config, load_schema(), source)
+    for name, movie in config.get("movies", {}).items():
+        has_path, has_sim = "path" in movie, "simulate" in movie
+        if has_path == has_sim:
+            raise InputError(
+                f"{source}: movies.{name}: give exactly one of 'path' (a movie file or folder) "
+                f"or 'simulate' (simulator overrides, {{}} for the defaults)"
+            )
+        for section in STAGE_SECTIONS:
+            if section in movie and section != "simulate":
+                stage_settings(config, section, name, source=source)
+        if has_sim:
+            stage_settings(config, "simulate", name, source=source)
+    return config
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file and validate it (defaults filled in)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: config file not found")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return validate_config(config, source=str(path))
+
+
+def section_schema(section: str) -> dict[str, Any]:
+    """The schema of one config section, with the shared definitions attached."""
+    schema = load_schema()
+    try:
+        sub = copy.deepcopy(schema["properties"][section])
+    except KeyError:
+        raise KeyError(f"no config section {section!r} in the schema") from None
+    if "$defs" in schema:
+        sub["$defs"] = schema["$defs"]
+    return sub
+
+
+def validate_section(section: str, settings: dict[str, Any] | None, source: str = "settings") -> dict[str, Any]:
+    """Validate one section's settings (a copy), filling in defaults."""
+    settings = copy.deepcopy(settings) if settings is not None else {}
+    if not isinstance(settings, dict):
+        raise InputError(f"{source}: {section} must be a mapping, got {type(settings).__name__}")
+    _validate(settings, section_schema(section), f"{source}: {section}" if source else section)
+    return settings
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stage_settings(
+    config: dict[str, Any], section: str, movie: str | None = None, source: str = "config"
+) -> dict[str, Any]:
+    """Settings of one stage for one movie: the section merged with the movie's overrides.
+
+    ``seed`` is set from the top-level ``seed`` unless the section has its own.
+    """
+    base = config.get(section, {}) or {}
+    if movie is not None:
+        movies = config.get("movies", {})
+        if movie not in movies:
+            raise InputError(f"{source}: no movie named {movie!r} under 'movies' (have: {', '.join(movies) or 'none'})")
+        override = movies[movie].get(section) or {}
+        base = _deep_merge(base, override)
+    settings = validate_section(section, base, source=source if movie is None else f"{source}: movies.{movie}")
+    if settings.get("seed") is None:
+        settings["seed"] = int(config.get("seed", 0))
+    return settings
+
+
+def movie_entry(config: dict[str, Any], movie: str, source: str = "config") -> dict[str, Any]:
+    """The reader options of one movie (path or simulate, channel, crop, ...)."""
+    movies = config.get("movies", {})
+    if movie not in movies:
+        raise InputError(f"{source}: no movie named {movie!r} under 'movies' (have: {', '.join(movies) or 'none'})")
+    return {k: v for k, v in movies[movie].items() if k in MOVIE_READER_KEYS}
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, section: str) -> None:
+    """Add ``--config``, ``--movie`` and ``--settings`` to a stage's parser."""
+    group = parser.add_argument_group("settings (the config's '%s' section)" % section)
+    group.add_argument("--config", metavar="FILE", help="config file (YAML); its '%s' section is used" % section)
+    group.add_argument("--movie", metavar="NAME", help="apply this movie's overrides from the config")
+    group.add_argument(
+        "--settings", metavar="JSON",
+        help="the '%s' section as JSON (as Snakemake rules pass it); overrides --config" % section,
+    )
+    group.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
+
+
+def settings_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The validated settings of ``section`` chosen by the CLI arguments of :func:`add_settings_arguments`."""
+    if getattr(args, "settings", None):
+        try:
+            raw = json.loads(args.settings)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"--settings: not valid JSON ({exc})") from None
+        settings = validate_section(section, raw, source="--settings")
+        settings.setdefault("seed", 0)
+        if settings["seed"] is None:
+            settings["seed"] = 0
+    elif getattr(args, "config", None):
+        config = load_config(args.config)
+        settings = stage_settings(config, section, getattr(args, "movie", None), source=args.config)
+    else:
+        settings = validate_section(section, {}, source="defaults")
+        if settings.get("seed") is None:
+            settings["seed"] = 0
+    if getattr(args, "seed", None) is not None:
+        settings["seed"] = int(args.seed)
+    return settings

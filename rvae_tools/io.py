@@ -1,0 +1,229 @@
+"""Shared I/O: atomic writes and contract-checked reading of Zarr stores and Parquet tables.
+
+Every stage writes its output through :func:`atomic_output` (directly or via
+:func:`write_zarr` / :func:`write_table` / :func:`write_json`), so an interrupted run never
+leaves a half-written store where the next stage (or Snakemake) would take it for finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .errors import InputError
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it into place when the block succeeds.
+
+    Works for files and directories (Zarr stores). If the block raises (or the process is
+    interrupted), the temporary path is removed and any existing ``path`` is left untouched.
+    The parent directory is created when missing.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"{final}: nothing was written to the temporary path {tmp}")
+        if final.exists() or final.is_symlink():
+            # A directory cannot be replaced by os.replace; move the old one aside first so
+            # that the window without any output is as short as possible.
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            _remove(old)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _json_safe_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Zarr attributes must be JSON: turn numpy scalars into Python ones, dicts into JSON text."""
+    out: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True, default=str)
+        elif value is None:
+            value = ""
+        out[key] = value
+    return out
+
+
+def write_zarr(
+    ds: xr.Dataset,
+    path: str | os.PathLike,
+    *,
+    provenance: dict[str, Any] | None = None,
+    encoding: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``ds`` as a Zarr store at ``path`` atomically, with provenance attributes.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        The dataset; its ``attrs`` are kept and ``provenance`` is added to them.
+    path : path-like
+        Destination store (a directory ending in ``.zarr``).
+    provenance : dict, optional
+        Output of :func:`rvae_tools.provenance.provenance_attrs`.
+    encoding : dict, optional
+        Per-variable encoding passed to :meth:`xarray.Dataset.to_zarr` (e.g. chunks).
+    """
+    ds = ds.copy()
+    attrs = dict(ds.attrs)
+    if provenance:
+        attrs.update(provenance)
+    ds.attrs = _json_safe_attrs(attrs)
+    for name in ds.variables:
+        ds[name].attrs = _json_safe_attrs(dict(ds[name].attrs))
+    with atomic_output(path) as tmp:
+        with warnings.catch_warnings():
+            # zarr 3 warns that consolidated metadata is not part of the v3 spec yet; we
+            # still write it because it makes opening remote/large stores one request.
+            warnings.simplefilter("ignore", category=UserWarning)
+            ds.to_zarr(tmp, mode="w", encoding=encoding or {}, consolidated=True)
+    return Path(path)
+
+
+def open_zarr(
+    path: str | os.PathLike,
+    *,
+    required: Sequence[str] = (),
+    what: str = "store",
+) -> xr.Dataset:
+    """Open a Zarr store lazily and check that it holds the ``required`` variables.
+
+    Raises
+    ------
+    InputError
+        When the store is missing, unreadable, or lacks a required variable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            warnings.simplefilter("ignore", category=UserWarning)
+            ds = xr.open_zarr(path)
+    except Exception as exc:  # zarr raises many types for a broken store
+        raise InputError(f"{path}: cannot be read as a Zarr {what} ({type(exc).__name__}: {exc})") from None
+    missing = [name for name in required if name not in ds.variables]
+    if missing:
+        raise InputError(
+            f"{path}: {what} lacks variable(s) {', '.join(missing)}; "
+            f"expected {', '.join(required)} (found {', '.join(map(str, ds.variables)) or 'none'})"
+        )
+    return ds
+
+
+def write_table(
+    df: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``df`` to Parquet atomically; ``metadata`` is stored as JSON in the file footer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged[b"rvae_tools"] = json.dumps(metadata, sort_keys=True, default=str).encode()
+        table = table.replace_schema_metadata(merged)
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def read_table(
+    path: str | os.PathLike,
+    *,
+    required: Sequence[str] = (),
+    what: str = "table",
+) -> pd.DataFrame:
+    """Read a Parquet table and check that it has the ``required`` columns.
+
+    Raises
+    ------
+    InputError
+        When the file is missing, unreadable, or lacks a required column.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        df = pd.read_parquet(path)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot be read as a Parquet {what} ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(
+            f"{path}: {what} lacks column(s) {', '.join(missing)}; expected {', '.join(required)}"
+        )
+    return df
+
+
+def table_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata that :func:`write_table` stored in a Parquet file ({} when none)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(b"rvae_tools")
+    return json.loads(raw) if raw else {}
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
+    """Read JSON, raising :class:`InputError` naming the file when missing or malformed."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
