@@ -59,14 +59,14 @@ def _extend_with_defaults(validator_class):
 _DefaultFillingValidator = _extend_with_defaults(Draft202012Validator)
 
 
-def _key_path(error) -> str:
-    parts = [str(p) for p in error.absolute_path]
+def _key_path(error, prefix: str = "") -> str:
+    parts = ([prefix] if prefix else []) + [str(p) for p in error.absolute_path]
     return ".".join(parts) if parts else "(top level)"
 
 
-def _describe(error) -> str:
+def _describe(error, prefix: str = "") -> str:
     """One line saying which key is wrong and what was expected."""
-    where = _key_path(error)
+    where = _key_path(error, prefix)
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
@@ -90,13 +90,13 @@ def _describe(error) -> str:
     return f"{where}: {error.message}"
 
 
-def _validate(instance: Any, schema: dict[str, Any], source: str) -> None:
+def _validate(instance: Any, schema: dict[str, Any], source: str, prefix: str = "") -> None:
     validator = _DefaultFillingValidator(schema)
     errors = sorted(validator.iter_errors(instance), key=lambda e: (len(e.absolute_path), list(map(str, e.absolute_path))))
     if errors:
         # Report the deepest, most specific error first: that is the key the user must fix.
         error = max(errors, key=lambda e: len(e.absolute_path))
-        raise InputError(f"{source}: {_describe(error)}")
+        raise InputError(f"{source}: {_describe(error, prefix)}")
 
 
 def validate_config(config: dict[str, Any] | None, source: str = "config") -> dict[str, Any]:
@@ -163,12 +163,18 @@ def section_schema(section: str) -> dict[str, Any]:
     return sub
 
 
-def validate_section(section: str, settings: dict[str, Any] | None, source: str = "settings") -> dict[str, Any]:
-    """Validate one section's settings (a copy), filling in defaults."""
+def validate_section(
+    section: str, settings: dict[str, Any] | None, source: str = "settings", prefix: str | None = None
+) -> dict[str, Any]:
+    """Validate one section's settings (a copy), filling in defaults.
+
+    ``prefix`` is the key path reported in errors (default: the section name).
+    """
+    prefix = section if prefix is None else prefix
     settings = copy.deepcopy(settings) if settings is not None else {}
     if not isinstance(settings, dict):
-        raise InputError(f"{source}: {section} must be a mapping, got {type(settings).__name__}")
-    _validate(settings, section_schema(section), f"{source}: {section}" if source else section)
+        raise InputError(f"{source}: {prefix}: expected a mapping, got {type(settings).__name__}")
+    _validate(settings, section_schema(section), source, prefix)
     return settings
 
 
@@ -196,7 +202,8 @@ def stage_settings(
             raise InputError(f"{source}: no movie named {movie!r} under 'movies' (have: {', '.join(movies) or 'none'})")
         override = movies[movie].get(section) or {}
         base = _deep_merge(base, override)
-    settings = validate_section(section, base, source=source if movie is None else f"{source}: movies.{movie}")
+    prefix = section if movie is None else f"movies.{movie}.{section}"
+    settings = validate_section(section, base, source=source, prefix=prefix)
     if settings.get("seed") is None:
         settings["seed"] = int(config.get("seed", 0))
     return settings

@@ -1,0 +1,77 @@
+"""Atomic outputs and contract checks of the shared I/O helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from rvae_tools.errors import InputError
+from rvae_tools.io import (
+    atomic_output, open_zarr, read_json, read_table, table_metadata, write_json, write_table, write_zarr,
+)
+from rvae_tools.provenance import provenance_attrs
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_output(tmp_path):
+    target = tmp_path / "out.zarr"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.mkdir()
+            (tmp / "part").write_text("half")
+            raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    ds = xr.Dataset({"image": (("frame", "y", "x"), np.zeros((2, 3, 4), np.float32))})
+    write_zarr(ds, target)
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as tmp:
+            tmp.mkdir()
+            raise RuntimeError("interrupted")
+    assert open_zarr(target, required=["image"])["image"].shape == (2, 3, 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_zarr_round_trip_with_provenance(tmp_path):
+    image = np.random.default_rng(0).random((3, 5, 6), dtype=np.float32)
+    ds = xr.Dataset({"image": (("frame", "y", "x"), image)}, attrs={"pixel_size": np.float64(2.5)})
+    write_zarr(ds, tmp_path / "m.zarr", provenance=provenance_attrs(settings={"a": 1}, seed=4, stage="test"))
+    back = open_zarr(tmp_path / "m.zarr", required=["image"])
+    np.testing.assert_array_equal(back["image"].values, image)
+    assert back.attrs["pixel_size"] == 2.5
+    assert back.attrs["seed"] == 4 and back.attrs["stage"] == "test"
+    assert len(back.attrs["config_hash"]) == 16
+    assert "numpy" in back.attrs["library_versions"]
+
+
+def test_open_zarr_names_missing_variable(tmp_path):
+    write_zarr(xr.Dataset({"a": ("x", np.arange(3))}), tmp_path / "s.zarr")
+    with pytest.raises(InputError, match=r"s\.zarr: store lacks variable\(s\) image"):
+        open_zarr(tmp_path / "s.zarr", required=["image"])
+    with pytest.raises(InputError, match="not found"):
+        open_zarr(tmp_path / "nothing.zarr")
+    (tmp_path / "junk.zarr").write_text("not a store")
+    with pytest.raises(InputError, match="cannot be read"):
+        open_zarr(tmp_path / "junk.zarr")
+
+
+def test_table_round_trip_and_missing_columns(tmp_path):
+    df = pd.DataFrame({"frame": [0, 1], "x": [1.5, 2.5], "y": [3.0, 4.0]})
+    write_table(df, tmp_path / "t.parquet", metadata={"seed": 3})
+    pd.testing.assert_frame_equal(read_table(tmp_path / "t.parquet", required=["frame", "x"]), df)
+    assert table_metadata(tmp_path / "t.parquet") == {"seed": 3}
+    with pytest.raises(InputError, match=r"lacks column\(s\) particle"):
+        read_table(tmp_path / "t.parquet", required=["frame", "particle"])
+    (tmp_path / "bad.parquet").write_text("garbage")
+    with pytest.raises(InputError, match="cannot be read as a Parquet"):
+        read_table(tmp_path / "bad.parquet")
+
+
+def test_json_round_trip(tmp_path):
+    write_json({"a": np.float32(1.5), "b": np.arange(2)}, tmp_path / "x.json")
+    assert read_json(tmp_path / "x.json") == {"a": 1.5, "b": [0, 1]}
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_json(tmp_path / "bad.json")
