@@ -23,13 +23,14 @@ STAGE_RULES = ["simulate", "ingest", "train_segmenter", "segment", "track", "win
 
 def snakemake(repo: Path, workdir: Path, *args: str, config: dict | None = None, timeout: int = 600):
     """Run Snakemake on the repository's Snakefile in ``workdir`` and return the finished process."""
-    cmd = ["snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "--cores", "2"]
+    cmd = ["snakemake", "-s", str(repo / "Snakefile"), "--directory", str(workdir), "--cores", "2", *args]
     if config is not None:
+        # last: --configfile takes several values and would swallow a target after it
         path = workdir / "test-config.yaml"
         path.write_text(yaml.safe_dump(config))
         cmd += ["--configfile", str(path)]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    return subprocess.run(cmd + list(args), cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_lint_is_clean(repo):
