@@ -1,0 +1,290 @@
+"""Encode: every window of ``patches.zarr`` -> per-trajectory latents in ``latents.zarr``.
+
+The trained rVAE maps each window to an angle, two shifts and ``k`` content variables, each
+with a posterior spread. The windows are a flat list of observations (``obs``) tagged with
+``(particle, frame)``; the latents are laid out on the grid ``(particle, frame)`` (and
+``(particle, frame, latent)``), with NaN where a particle is absent, so a notebook can follow
+one trajectory with ``ds.sel(particle=p)`` or average over particles per frame.
+
+The windows are read and encoded in blocks of the store's chunk length, so the input never
+has to fit in memory; the output grid is held in memory (float32: about
+``4 * (8 + 2 k) * particles * frames`` bytes) and written atomically at the end, so killing
+the command leaves no store behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from .config import add_settings_arguments, settings_from_args
+from .errors import InputError
+from .io import open_zarr, write_zarr
+from .provenance import provenance_attrs
+
+log = logging.getLogger(__name__)
+
+#: Per-window outputs of ``RVAE.encode`` on dims (particle, frame), with their units.
+SCALARS = {
+    "angle": ("rad", "encoded rotation angle of the window"),
+    "angle_sd": ("rad", "posterior spread of the angle"),
+    "dx": ("px", "encoded shift along x (columns)"),
+    "dy": ("px", "encoded shift along y (rows)"),
+    "dx_sd": ("px", "posterior spread of dx"),
+    "dy_sd": ("px", "posterior spread of dy"),
+}
+#: Per-window outputs on dims (particle, frame, latent).
+VECTORS = {
+    "z": ("1", "content latent (posterior mean)"),
+    "z_sd": ("1", "posterior spread of the content latent"),
+}
+PATCH_COORDS = ("particle", "frame", "x", "y")
+#: Windows read from the store at once when its chunks are not known.
+DEFAULT_BLOCK = 4096
+
+
+def _window_shape(size: Any) -> tuple[int, int]:
+    if isinstance(size, (tuple, list)):
+        return int(size[0]), int(size[-1])
+    return int(size), int(size)
+
+
+def check_compatible(
+    model: Any, window_shape: tuple[int, int], *, latent_dim: int | None = None,
+    model_path: str | Path = "model", patches_path: str | Path = "patches",
+) -> None:
+    """Raise :class:`InputError` naming both sizes when the model does not fit the windows or config."""
+    trained = _window_shape(model.window_size)
+    if trained != tuple(window_shape):
+        raise InputError(
+            f"{model_path}: the model was trained on {trained[0]} x {trained[1]} px windows but {patches_path} "
+            f"holds {window_shape[0]} x {window_shape[1]} px windows; retrain the model on these windows "
+            f"or cut windows with windows.size: {trained[0]}"
+        )
+    if latent_dim is not None and int(model.latent_dim) != int(latent_dim):
+        raise InputError(
+            f"{model_path}: the model has {model.latent_dim} content latent(s) but the config asks for "
+            f"rvae.latent_dim: {latent_dim}; retrain the model (or set latent_dim: {model.latent_dim})"
+        )
+
+
+def majority_class(particle: np.ndarray, cls: np.ndarray) -> pd.Series:
+    """The most frequent class of each particle along its trajectory (ties: the smallest class)."""
+    df = pd.DataFrame({"particle": particle, "cls": cls}).dropna()
+    counts = df.groupby(["particle", "cls"], sort=True).size().rename("n").reset_index()
+    # stable sort on count only: among equal counts the (sorted) smallest class stays first
+    best = counts.sort_values("n", ascending=False, kind="stable").drop_duplicates("particle")
+    return best.set_index("particle")["cls"].sort_index()
+
+
+def _frame_axis(frames: np.ndarray, attrs: dict[str, Any]) -> np.ndarray:
+    """Every frame of the movie when the patches know its numbering, so frames without windows stay in time."""
+    n, first, step = (attrs.get(key) for key in ("n_frames", "frame_first", "frame_step"))
+    if all(isinstance(v, (int, np.integer)) for v in (n, first, step)) and n > 0 and step > 0:
+        axis = first + step * np.arange(int(n), dtype=np.int64)
+        if np.isin(frames, axis).all():
+            return axis
+    return np.unique(frames)
+
+
+def _known(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+
+
+def encode_patches(
+    patches_path: str | Path,
+    model_path: str | Path,
+    output: str | Path,
+    *,
+    settings: dict[str, Any] | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: bool = True,
+    model: Any = None,
+) -> xr.Dataset:
+    """Encode every window of ``patches_path`` with the rVAE at ``model_path``; write ``output``.
+
+    Parameters
+    ----------
+    patches_path : path
+        ``patches.zarr``: ``window(obs, wy, wx)`` with coords ``particle``, ``frame``, ``x``,
+        ``y`` (px) on ``obs``, optionally ``cls``.
+    model_path : path
+        The checkpoint written by ``rvae-tools train``.
+    output : path
+        The ``latents.zarr`` to write (atomically).
+    settings : dict, optional
+        The validated ``rvae`` config section; when given, its ``latent_dim`` must match the
+        checkpoint and it is hashed into the provenance.
+    device : str
+        ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    batch_size : int, optional
+        Windows per forward pass (default: ``encode_batch_size`` of ``settings``, else the model's).
+    model : RVAE, optional
+        An already loaded model (``model_path`` is then only recorded).
+
+    Returns
+    -------
+    xarray.Dataset
+        The dataset that was written.
+    """
+    from tqdm import tqdm
+
+    patches_path, model_path, output = Path(patches_path), Path(model_path), Path(output)
+    if batch_size is None and settings is not None:
+        batch_size = settings.get("encode_batch_size")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be a positive number of windows, got {batch_size}")
+    patches = open_zarr(patches_path, required=["window", *PATCH_COORDS], what="patches store")
+    window = patches["window"]
+    if window.ndim != 3 or window.dims[0] != "obs":
+        raise InputError(f"{patches_path}: window must have dims (obs, wy, wx); found {window.dims}")
+    n_obs = int(window.shape[0])
+    if n_obs == 0:
+        raise InputError(f"{patches_path}: patches store holds no windows")
+    if model is None:
+        from .rvae import load_model
+
+        model = load_model(model_path)
+    check_compatible(
+        model, tuple(window.shape[1:]),
+        latent_dim=(settings or {}).get("latent_dim"), model_path=model_path, patches_path=patches_path,
+    )
+    k = int(model.latent_dim)
+
+    particle = patches["particle"].values.astype(np.int64)
+    frame = patches["frame"].values.astype(np.int64)
+    particles = np.unique(particle)
+    frames = _frame_axis(frame, patches.attrs)
+    pi = np.searchsorted(particles, particle)
+    fi = np.searchsorted(frames, frame)
+    flat = pi * frames.size + fi
+    if np.unique(flat).size != n_obs:
+        raise InputError(f"{patches_path}: some (particle, frame) pairs have more than one window")
+
+    shape = (particles.size, frames.size)
+    grids = {name: np.full(shape, np.nan, dtype=np.float32) for name in SCALARS}
+    grids.update({name: np.full((*shape, k), np.nan, dtype=np.float32) for name in VECTORS})
+    extra: dict[str, np.ndarray] = {}
+    for name in ("x", "y"):
+        grids[name] = np.full(shape, np.nan, dtype=np.float64)
+        grids[name][pi, fi] = patches[name].values
+
+    chunks = window.encoding.get("chunks") or (DEFAULT_BLOCK,)
+    block = max(int(chunks[0]), batch_size or 0)
+    bar = tqdm(total=n_obs, unit="win", desc="encode", file=sys.stderr, disable=not progress,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    with bar:
+        for start in range(0, n_obs, block):
+            stop = min(start + block, n_obs)
+            wins = np.asarray(window[start:stop].values, dtype=np.float32)
+            out = model.encode(wins, batch_size=batch_size, device=device)
+            rows, cols = pi[start:stop], fi[start:stop]
+            for name, value in out.items():
+                value = np.asarray(value)
+                if name in grids:
+                    grids[name][rows, cols] = value
+                elif value.ndim == 1 and value.shape[0] == stop - start:
+                    # Extras of the model (e.g. class probabilities) are kept under their own names.
+                    extra.setdefault(name, np.full(shape, np.nan, dtype=np.float32))[rows, cols] = value
+            bar.update(stop - start)
+
+    missing = [name for name in (*SCALARS, *VECTORS) if grids[name].size and np.isnan(grids[name]).all()]
+    if missing:
+        # A baseline without pose latents has no angle or shifts: they stay NaN rather than 0,
+        # so nobody mistakes them for measured orientations.
+        log.warning("%s: the model gives no %s; stored as NaN", model_path, ", ".join(missing))
+
+    dims2, dims3 = ("particle", "frame"), ("particle", "frame", "latent")
+    data_vars: dict[str, Any] = {}
+    for name, (unit, text) in SCALARS.items():
+        data_vars[name] = (dims2, grids[name], {"units": unit, "description": text})
+    for name, (unit, text) in VECTORS.items():
+        data_vars[name] = (dims3, grids[name], {"units": unit, "description": text})
+    data_vars["x"] = (dims2, grids["x"], {"units": "px", "description": "window centre (detection), column"})
+    data_vars["y"] = (dims2, grids["y"], {"units": "px", "description": "window centre (detection), row"})
+    for name, value in extra.items():
+        data_vars[name] = (dims2, value, {"description": f"{name} from the model's encoder"})
+
+    coords: dict[str, Any] = {
+        "particle": ("particle", particles, {"description": "trajectory id"}),
+        "frame": ("frame", frames, {"description": "frame number"}),
+        "latent": ("latent", np.arange(k), {"description": "index of the content latent z"}),
+        "track_length": ("particle", np.bincount(pi, minlength=particles.size).astype(np.int64),
+                         {"description": "number of frames with a window"}),
+    }
+    frame_interval = patches.attrs.get("frame_interval")
+    if _known(frame_interval):
+        coords["time"] = ("frame", frames * float(frame_interval), {"units": "s"})
+    if "cls" in patches.variables:
+        majority = majority_class(particle, patches["cls"].values)
+        cls = majority.reindex(particles).to_numpy()
+        if cls.dtype == object:
+            cls = np.array(["" if pd.isna(c) else str(c) for c in cls], dtype=object)
+        coords["cls"] = ("particle", cls, {"description": "majority class along the trajectory"})
+
+    model_config = getattr(model, "config", {}) or {}
+    seed = (settings or {}).get("seed")
+    if seed is None:
+        seed = model_config.get("seed", patches.attrs.get("seed", 0))
+    attrs: dict[str, Any] = {
+        key: patches.attrs[key] for key in ("pixel_size", "pixel_unit", "frame_interval") if key in patches.attrs
+    }
+    attrs.update({
+        "window_size": int(window.shape[1]),
+        "latent_dim": k,
+        "n_windows": n_obs,
+        "model_path": str(model_path),
+        "model_config": json.dumps(model_config, sort_keys=True, default=str),
+        "patches_config_hash": patches.attrs.get("config_hash", ""),
+        "movie_sha256": patches.attrs.get("movie_sha256", ""),
+    })
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    encoding = {name: {"chunks": _chunks(ds[name].shape)} for name in ds.data_vars}
+    write_zarr(ds, output, encoding=encoding, provenance=provenance_attrs(
+        settings=settings if settings is not None else model_config, seed=seed,
+        model_checksum=getattr(model, "checksum", None), stage="encode",
+        inputs={"patches": str(patches_path), "model": str(model_path)},
+    ))
+    log.info("%s: %d windows of %d particles over %d frames encoded (latent size %d)",
+             output, n_obs, particles.size, frames.size, k)
+    return ds
+
+
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Chunks of whole trajectories (up to 256 particles) over up to 1024 frames."""
+    caps = (256, 1024, 64)
+    return tuple(max(1, min(s, c)) for s, c in zip(shape, caps))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("patches", help="windows store (patches.zarr)")
+    parser.add_argument("model", help="rVAE checkpoint (model.pt) from 'rvae-tools train'")
+    parser.add_argument("-o", "--output", required=True, help="latents store to write (latents.zarr)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="windows per forward pass (default: rvae.encode_batch_size of the settings, else 256)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings_arguments(parser, "rvae")
+
+
+def run(args: argparse.Namespace) -> int:
+    given = bool(args.settings or args.config)
+    settings = settings_from_args(args, "rvae") if given else None
+    encode_patches(args.patches, args.model, args.output, settings=settings, device=args.device,
+                   batch_size=args.batch_size, progress=not args.no_progress)
+    return 0
+
+
+COMMANDS = {"encode": (configure, run)}

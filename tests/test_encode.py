@@ -1,0 +1,186 @@
+"""Encode: latents on (particle, frame) with NaN where absent, provenance, mismatches; rVAE figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from rvae_tools.cli import main
+from rvae_tools.config import validate_section
+from rvae_tools.encode import encode_patches, majority_class
+from rvae_tools.errors import InputError
+from rvae_tools.io import open_zarr, write_table, write_zarr
+from rvae_tools.provenance import file_sha256
+from rvae_tools.windows import make_windows
+
+H = W = 64
+SIZE = 16
+TINY = {"latent_dim": 2, "encoder": "mlp", "encoder_hidden": [32], "decoder_hidden": [32],
+        "batch_size": 64, "seed": 0}
+
+
+def rod(x, y, angle, length=5.0, width=1.5):
+    yy, xx = np.mgrid[0:H, 0:W]
+    u = (xx - x) * np.cos(angle) + (yy - y) * np.sin(angle)
+    v = -(xx - x) * np.sin(angle) + (yy - y) * np.cos(angle)
+    return np.exp(-(u / length) ** 2 - (v / width) ** 2)
+
+
+@pytest.fixture(scope="module")
+def movie_dir(tmp_path_factory):
+    """results/demo with patches.zarr (particle 2 absent in frames 3-4, particle 3 from frame 5) and a model."""
+    root = tmp_path_factory.mktemp("results")
+    movie_dir = root / "demo"
+    rng = np.random.default_rng(0)
+    centres = np.array([[16.2, 15.7], [45.5, 20.3], [20.8, 46.1], [44.4, 44.9]])
+    frames, rows = [], []
+    for f in range(10):
+        img = rng.normal(0.05, 0.01, (H, W))
+        for p, (x, y) in enumerate(centres + rng.normal(0, 0.3, centres.shape)):
+            if (p == 2 and f in (3, 4)) or (p == 3 and f < 5):
+                continue
+            img += rod(x, y, 0.4 * p + 0.1 * f)
+            cls = "tadpole" if p == 1 and f >= 3 else "rod"  # particle 1: 3 x rod, 7 x tadpole
+            rows.append((f, x, y, p, cls))
+        frames.append(img)
+    write_zarr(xr.Dataset({"image": (("frame", "y", "x"), np.asarray(frames, np.float32))},
+                          attrs={"pixel_size": 2.0, "pixel_unit": "nm", "frame_interval": 0.5, "sha256": "1" * 64}),
+               movie_dir / "movie.zarr")
+    tracks = pd.DataFrame(rows, columns=["frame", "x", "y", "particle", "cls"])
+    write_table(tracks, movie_dir / "tracks.parquet")
+    make_windows(movie_dir / "movie.zarr", movie_dir / "tracks.parquet", movie_dir / "patches.zarr",
+                 validate_section("windows", {"size": SIZE, "chunk_size": 8}), progress=False)
+
+    from rvae_tools.rvae import RVAE
+
+    model = RVAE(SIZE, **TINY)
+    model.fit([str(movie_dir / "patches.zarr")], epochs=2, progress=False, device="cpu")
+    model_path = root / "models" / "rvae" / "demo" / "model.pt"
+    model_path.parent.mkdir(parents=True)
+    model.save(model_path)
+    return movie_dir, tracks, model_path
+
+
+def test_latents_follow_the_contract(movie_dir, tmp_path):
+    movie_dir, tracks, model_path = movie_dir
+    out = tmp_path / "latents.zarr"
+    encode_patches(movie_dir / "patches.zarr", model_path, out, device="cpu", batch_size=5, progress=False)
+    ds = open_zarr(out, required=["angle", "angle_sd", "dx", "dy", "dx_sd", "dy_sd", "x", "y", "z", "z_sd"])
+    for name in ("angle", "angle_sd", "dx", "dy", "dx_sd", "dy_sd", "x", "y"):
+        assert ds[name].dims == ("particle", "frame"), name
+    assert ds.z.dims == ds.z_sd.dims == ("particle", "frame", "latent")
+    assert ds.sizes == {"particle": 4, "frame": 10, "latent": 2}
+    assert ds.angle.attrs["units"] == "rad" and ds.dx.attrs["units"] == "px" and ds.x.attrs["units"] == "px"
+    assert np.allclose(ds.time.values, np.arange(10) * 0.5) and ds.time.attrs["units"] == "s"
+
+    present = np.zeros((4, 10), dtype=bool)
+    present[tracks.particle, tracks.frame] = True
+    for name in ("angle", "dx", "x", "z_sd"):
+        values = ds[name].values
+        values = values if values.ndim == 2 else values[..., 0]
+        assert np.isnan(values[~present]).all() and np.isfinite(values[present]).all(), name
+    assert np.isnan(ds.angle.sel(particle=2, frame=[3, 4])).all()
+    assert np.isnan(ds.z.sel(particle=3, frame=slice(0, 4))).all()
+
+    # positions come from the tracks; latents equal a direct encoding of the same windows
+    t = tracks.set_index(["particle", "frame"])
+    assert ds.x.sel(particle=1, frame=6).item() == pytest.approx(t.loc[(1, 6), "x"])
+    from rvae_tools.rvae import RVAE
+
+    patches = xr.open_zarr(movie_dir / "patches.zarr")
+    direct = RVAE.load(model_path).encode(patches.window.values, device="cpu")
+    p, f = patches.particle.values, patches.frame.values
+    got = ds.angle.values[p, f]
+    assert np.allclose(got, direct["angle"], atol=1e-5)
+    assert np.allclose(ds.z.values[p, f], direct["z"], atol=1e-5)
+
+    assert ds.cls.sel(particle=1).item() == "tadpole" and ds.cls.sel(particle=0).item() == "rod"
+    assert ds.track_length.values.tolist() == [10, 10, 8, 5]
+    assert ds.attrs["model_checksum"] == file_sha256(model_path)
+    assert ds.attrs["pixel_size"] == 2.0 and ds.attrs["pixel_unit"] == "nm" and ds.attrs["frame_interval"] == 0.5
+    assert ds.attrs["stage"] == "encode" and ds.attrs["config_hash"] and "torch" in json.loads(ds.attrs["library_versions"])
+    assert ds.attrs["seed"] == 0
+
+
+def test_cli_with_settings_and_mismatched_checkpoints(movie_dir, tmp_path, capsys):
+    movie_dir, _, model_path = movie_dir
+    patches = movie_dir / "patches.zarr"
+    out = tmp_path / "cli.zarr"
+    settings = json.dumps(validate_section("rvae", {**TINY, "seed": 7}))
+    assert main(["encode", str(patches), str(model_path), "-o", str(out), "--device", "cpu",
+                 "--no-progress", "--settings", settings]) == 0
+    ds = xr.open_zarr(out)
+    assert ds.attrs["seed"] == 7 and ds.sizes["latent"] == 2
+
+    from rvae_tools.rvae import RVAE
+
+    other = RVAE(12, **TINY)
+    other.save(tmp_path / "w12.pt")
+    with pytest.raises(InputError, match=r"trained on 12 x 12 px windows but .* holds 16 x 16 px windows"):
+        encode_patches(patches, tmp_path / "w12.pt", tmp_path / "bad.zarr", progress=False)
+
+    code = main(["encode", str(patches), str(model_path), "-o", str(tmp_path / "bad.zarr"),
+                 "--settings", json.dumps({**TINY, "latent_dim": 3})])
+    err = capsys.readouterr().err
+    assert code == 2 and "the model has 2 content latent(s) but the config asks for rvae.latent_dim: 3" in err
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    code = main(["encode", str(patches), str(tmp_path / "junk.pt"), "-o", str(tmp_path / "bad.zarr")])
+    assert code == 2 and "junk.pt" in capsys.readouterr().err
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_interrupted_encoding_leaves_no_store(movie_dir, tmp_path):
+    movie_dir, _, model_path = movie_dir
+    from rvae_tools.rvae import RVAE
+
+    model = RVAE.load(model_path)
+    calls = []
+    real = model.encode
+
+    def interrupted(windows, **kwargs):
+        calls.append(len(windows))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(windows, **kwargs)
+
+    model.encode = interrupted
+    out = tmp_path / "latents.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        encode_patches(movie_dir / "patches.zarr", model_path, out, model=model, batch_size=8, progress=False)
+    assert calls == [8, 8]  # one block per chunk of patches.zarr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_majority_class_breaks_ties_by_smallest():
+    got = majority_class(np.array([0, 0, 0, 1, 1, 2]), np.array(["b", "a", "b", "b", "a", "c"]))
+    assert got.to_dict() == {0: "b", 1: "a", 2: "c"}
+
+
+def test_figures(movie_dir, tmp_path):
+    from rvae_tools.plots import rvae as plots
+
+    movie_dir, _, model_path = movie_dir
+    encode_patches(movie_dir / "patches.zarr", model_path, movie_dir / "latents.zarr", progress=False)
+    assert plots.default_model_path(movie_dir) == model_path  # no pooled model: the movie's own
+    written = plots.draw(movie_dir, tmp_path / "figures", formats=("png", "svg"), dpi=60)
+    assert sorted(p.name for p in written) == sorted(f"{s}.{e}" for s in plots.FIGURES for e in ("png", "svg"))
+    assert all(p.stat().st_size > 1000 for p in written)
+    svg = (tmp_path / "figures" / "rvae_latent_histograms.svg").read_text()
+    assert "(px)" in svg and "(deg)" in svg
+    with pytest.raises(InputError, match="model not found"):
+        plots.draw(movie_dir, tmp_path / "f2", model_path=tmp_path / "none.pt")
+
+
+def test_frame_axis_spans_the_movie():
+    from rvae_tools.encode import _frame_axis
+
+    attrs = {"n_frames": 5, "frame_first": 10, "frame_step": 2}
+    assert _frame_axis(np.array([12, 16]), attrs).tolist() == [10, 12, 14, 16, 18]
+    # without the numbering (or frames outside it) only the frames with windows are laid out
+    assert _frame_axis(np.array([12, 17]), attrs).tolist() == [12, 17]
+    assert _frame_axis(np.array([3, 1]), {}).tolist() == [1, 3]

@@ -1,0 +1,27 @@
+rule track:
+    """Link detections into trajectories (trackpy), estimate drift, filter stubs, MSD and diffusion."""
+    input:
+        detections=f"{RESULTS}/{{movie}}/detections.parquet",
+        movie=f"{RESULTS}/{{movie}}/movie.zarr",
+    output:
+        tracks=f"{RESULTS}/{{movie}}/tracks.parquet",
+        drift=f"{RESULTS}/{{movie}}/drift.parquet",
+        trajectories=f"{RESULTS}/{{movie}}/trajectories.parquet",
+        msd=f"{RESULTS}/{{movie}}/msd.parquet",
+    params:
+        settings=settings("track"),
+    log:
+        f"{RESULTS}/logs/track/{{movie}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/track/{{movie}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/track.yaml"
+    shell:
+        "rvae-tools track {input.detections:q} --movie-zarr {input.movie:q}"
+        " --tracks {output.tracks:q} --drift {output.drift:q}"
+        " --trajectories {output.trajectories:q} --msd {output.msd:q}"
+        " --settings {params.settings:q} > {log} 2>&1"
