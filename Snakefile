@@ -8,9 +8,18 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
 include: "workflow/rules/ingest.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/track.smk"
+include: "workflow/rules/windows.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/encode.smk"
+include: "workflow/rules/dynamics.smk"
 
 
 rule all:

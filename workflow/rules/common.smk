@@ -44,5 +44,9 @@ def movie_source(wildcards):
 
 
 def final_outputs():
-    """What `rule all` builds for every movie."""
-    return expand(f"{RESULTS}/{{movie}}/movie.zarr", movie=MOVIES)
+    """What `rule all` builds for every movie: its dynamics and every figure, which pull in
+    every earlier stage. (FIGURES comes from dynamics.smk, included before `rule all`.)"""
+    outputs = expand(f"{RESULTS}/{{movie}}/dynamics.zarr", movie=MOVIES)
+    stems = [stem for stage_stems in FIGURES.values() for stem in stage_stems]
+    outputs += expand(f"{RESULTS}/{{movie}}/figures/{{stem}}.png", movie=MOVIES, stem=stems)
+    return outputs

@@ -1,0 +1,266 @@
+"""The dynamics stage: each statistic on constructed inputs with a known answer, the transition
+fit on a planted transition, bad and thin inputs, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+from rvae_tools.cli import main
+from rvae_tools.config import validate_section
+from rvae_tools.dynamics import (
+    bond_order,
+    change_point,
+    compute_dynamics,
+    delaunay_bonds,
+    fit_diffusion,
+    fit_logistic,
+    logistic,
+    mean_squared_displacement,
+    order_parameter,
+    pair_correlation,
+    unwrap_angles,
+)
+from rvae_tools.io import open_zarr, write_table, write_zarr
+
+
+def settings(**overrides):
+    s = validate_section("dynamics", overrides)
+    s["seed"] = 0
+    return s
+
+
+def make_latents(theta, x=None, y=None, z=None, frame_interval=0.5, rng=None):
+    """A latents Dataset on (particle, frame) like the encode stage writes."""
+    rng = rng or np.random.default_rng(0)
+    p, f = theta.shape
+    if x is None:
+        x = rng.uniform(0, 200, (p, 1)) + np.cumsum(rng.normal(0, 0.3, (p, f)), axis=1)
+        y = rng.uniform(0, 200, (p, 1)) + np.cumsum(rng.normal(0, 0.3, (p, f)), axis=1)
+    if z is None:
+        z = rng.normal(size=(p, f, 2))
+    absent = ~np.isfinite(theta)
+    x, y, z = x.copy(), y.copy(), z.copy()
+    x[absent] = y[absent] = np.nan
+    z[absent] = np.nan
+    return xr.Dataset(
+        {"angle": (("particle", "frame"), theta), "x": (("particle", "frame"), x),
+         "y": (("particle", "frame"), y), "z": (("particle", "frame", "latent"), z)},
+        coords={"particle": np.arange(p), "frame": np.arange(f)},
+        attrs={"frame_interval": frame_interval, "pixel_size": 2.0, "pixel_unit": "nm"},
+    )
+
+
+def planted_angles(rng, n_particles, frames, t_c, width, depth=6.0, n=2, offset=1.0):
+    """Axes of n-fold particles in a field whose depth ramps up logistically (quasi-equilibrium)."""
+    t = np.arange(frames)
+    kappa = depth / (1 + np.exp(-(t - t_c) / width))
+    theta = np.column_stack([rng.vonmises(0.0, k + 1e-9, n_particles) for k in kappa]) / n
+    return -(theta + offset)  # a sign flip and an offset, as the rVAE may give
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_order_parameter_aligned_is_one_and_offset_invariant():
+    theta = np.full(50, 0.3) + np.pi * (np.arange(50) % 2)  # rods: theta and theta + pi are the same axis
+    assert order_parameter(theta, 2) == pytest.approx(1.0)
+    assert order_parameter(-theta + 2.1, 2) == pytest.approx(1.0)
+
+
+def test_order_parameter_of_uniform_angles_is_near_zero():
+    rng = np.random.default_rng(1)
+    n = 4000
+    values = [order_parameter(rng.uniform(0, 2 * np.pi, n), m) for m in (2, 6)]
+    # E|mean of N unit phasors| = sqrt(pi / 4N) ~ 0.014; 5 times that is far in the tail.
+    for v in values:
+        assert v < 5 * np.sqrt(np.pi / (4 * n))
+
+
+def test_psi6_of_a_perfect_triangular_lattice_is_one():
+    a = 10.0
+    pts = np.array([(i * a + (j % 2) * a / 2, j * a * np.sqrt(3) / 2) for i in range(12) for j in range(12)])
+    pts = pts @ np.array([[np.cos(0.4), np.sin(0.4)], [-np.sin(0.4), np.cos(0.4)]])  # any lattice orientation
+    bonds = delaunay_bonds(pts)
+    psi, count = bond_order(pts, bonds, 6)
+    assert np.abs(np.nanmean(psi)) == pytest.approx(1.0, abs=1e-9)
+    assert np.allclose(np.abs(psi), 1.0)
+    assert count.max() == 6 and np.median(count) == 6
+
+
+def test_psi6_of_random_points_is_low():
+    rng = np.random.default_rng(2)
+    pts = rng.uniform(0, 300, (600, 2))
+    psi, _ = bond_order(pts, delaunay_bonds(pts), 6)
+    assert np.abs(np.nanmean(psi)) < 0.1
+    assert np.nanmean(np.abs(psi)) < 0.6
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_unwrapping_removes_symmetry_flips(n):
+    rng = np.random.default_rng(3)
+    true = np.cumsum(rng.normal(0, 0.1, (5, 80)), axis=1)
+    flips = rng.integers(-3, 4, true.shape) * 2 * np.pi / n
+    observed = true + flips
+    observed[1, 10:14] = np.nan  # a gap in one trajectory
+    out = unwrap_angles(observed, n)
+    diff = out - true
+    ok = np.isfinite(out)
+    # Equal up to one constant multiple of 2 pi / n per trajectory.
+    assert np.allclose(diff[ok].reshape(-1) - np.repeat(diff[:, 0], ok.sum(axis=1)), 0, atol=1e-9)
+    assert np.isnan(out[1, 10:14]).all()
+
+
+def test_rotational_msd_of_brownian_angles_gives_d_within_10_percent():
+    rng = np.random.default_rng(4)
+    d_true = 0.01  # rad^2 / frame
+    walk = np.cumsum(rng.normal(0, np.sqrt(2 * d_true), (300, 120)), axis=1)
+    noisy = walk + rng.normal(0, 0.05, walk.shape)  # angle noise: MSD intercept, not slope
+    observed = np.mod(noisy, np.pi)  # rods: angles known only mod pi
+    lags, msd, _ = mean_squared_displacement(unwrap_angles(observed, 2), 20)
+    d, c = fit_diffusion(lags, msd, 1, 5)
+    assert d == pytest.approx(d_true, rel=0.10)
+    assert c == pytest.approx(2 * 0.05 ** 2, abs=0.004)
+
+
+def test_pair_correlation_of_an_ideal_gas_is_one_despite_edges():
+    rng = np.random.default_rng(5)
+    pts = rng.uniform(0, 400, (3000, 2))
+    r_edges = np.linspace(0, 60, 13)
+    g = pair_correlation(pts, r_edges, (0, 400, 0, 400))
+    assert np.all(np.abs(g[2:] - 1) < 0.05)
+
+
+def test_change_point_finds_a_step():
+    t = np.arange(50)
+    y = np.where(t < 31, 0.1, 0.8) + np.random.default_rng(6).normal(0, 0.05, 50)
+    assert change_point(t, y) == pytest.approx(30.5)
+
+
+def test_logistic_fit_recovers_planted_parameters():
+    t = np.arange(60.0)
+    y = logistic(t, 0.1, 0.85, 27.3, 2.5) + np.random.default_rng(7).normal(0, 0.02, 60)
+    fit = fit_logistic(t, y)
+    assert fit.t_c == pytest.approx(27.3, abs=0.3)
+    assert fit.width == pytest.approx(2.5, rel=0.25)
+    assert fit.high == pytest.approx(0.85, abs=0.03)
+    assert fit.delta_bic > 50
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def test_planted_transition_is_recovered_with_an_interval():
+    rng = np.random.default_rng(8)
+    theta = planted_angles(rng, 120, 60, t_c=33.0, width=2.0)
+    ds = compute_dynamics(make_latents(theta, rng=rng), None, settings(bootstrap=60))
+    a = ds.attrs
+    assert a["transition_detected"] is True
+    assert a["transition_frame"] == pytest.approx(33.0, abs=1.5)
+    assert a["transition_frame_low"] <= 33.0 <= a["transition_frame_high"]
+    assert a["transition_time"] == pytest.approx(a["transition_frame"] * 0.5)
+    assert abs(a["transition_frame_changepoint"] - 33) < 4
+    # A strong field orders the rods before it reaches half strength: the order parameter's own
+    # midpoint comes first.
+    assert a["transition_frame_logistic"] < a["transition_frame"]
+    assert ds["S_n"].values[-5:].mean() > 0.7 and ds["S_n"].values[:5].mean() < 0.2
+    assert ds["time"].attrs["units"] == "s"
+
+
+def test_transition_fit_uses_offset_invariant_signals():
+    rng = np.random.default_rng(9)
+    theta = planted_angles(rng, 80, 50, t_c=20.0, width=1.5, offset=0.0)
+    s = settings(bootstrap=0)
+    a = compute_dynamics(make_latents(theta, rng=np.random.default_rng(1)), None, s).attrs
+    b = compute_dynamics(make_latents(-theta + 2.7, rng=np.random.default_rng(1)), None, s).attrs
+    assert a["transition_frame"] == pytest.approx(b["transition_frame"], abs=1e-6)
+    assert a["rotational_diffusion"] == pytest.approx(b["rotational_diffusion"], rel=1e-9)
+
+
+def test_disordered_movie_reports_no_transition():
+    rng = np.random.default_rng(10)
+    theta = np.cumsum(rng.normal(0, 0.2, (80, 60)), axis=1) + rng.uniform(0, np.pi, (80, 1))
+    ds = compute_dynamics(make_latents(theta, rng=rng), None, settings(bootstrap=20))
+    assert ds.attrs["transition_detected"] is False
+    assert ds.attrs["transition_frame"] is None
+    assert "no transition" in ds.attrs["notes"] or "no ordering transition" in ds.attrs["notes"]
+    assert ds.attrs["rotational_diffusion_per_frame"] == pytest.approx(0.02, rel=0.1)
+
+
+def test_too_few_frames_or_particles_give_statistics_and_a_note():
+    rng = np.random.default_rng(11)
+    short = compute_dynamics(make_latents(rng.uniform(0, np.pi, (30, 4)), rng=rng), None, settings())
+    assert "no transition fit" in short.attrs["notes"]
+    assert short.attrs["transition_frame"] is None
+    assert np.isfinite(short["S_n"].values).all() and short["n_particles"].values.tolist() == [30] * 4
+    lonely = compute_dynamics(make_latents(rng.uniform(0, np.pi, (2, 40)), rng=rng), None, settings())
+    assert "no transition fit" in lonely.attrs["notes"]
+    assert np.isnan(lonely["psi_6"].values).all()  # no neighbours with 2 particles
+    assert lonely["S_n"].shape == (40,)
+
+
+def test_species_from_cls_and_from_latent_clusters():
+    rng = np.random.default_rng(12)
+    p, f = 60, 30
+    cls = np.repeat([0, 1], p // 2)
+    z = rng.normal(0, 0.3, (p, f, 2)) + np.where(cls == 0, -2.0, 2.0)[:, None, None]
+    latents = make_latents(rng.uniform(0, 2 * np.pi, (p, f)), z=z, rng=rng)
+    s = settings(species=[{"name": "rod", "symmetry": 2}, {"name": "triangle", "symmetry": 3}], bootstrap=0)
+    by_gmm = compute_dynamics(latents, None, s)
+    assert by_gmm.attrs["species_method"] == "gmm"
+    assert (by_gmm["species"].values == cls).all()
+    assert by_gmm["symmetry"].values.tolist() == [2] * 30 + [3] * 30
+    latents["cls"] = ("particle", 1 - cls)
+    by_cls = compute_dynamics(latents, None, s)
+    assert by_cls.attrs["species_method"] == "cls"
+    assert (by_cls["species"].values == 1 - cls).all()
+
+
+def test_classical_orientation_from_tracks_is_fitted_too():
+    rng = np.random.default_rng(13)
+    theta = planted_angles(rng, 80, 50, t_c=25.0, width=1.5)
+    latents = make_latents(theta, rng=rng)
+    rows = []
+    for p in range(80):
+        for f in range(50):
+            rows.append((f, p, latents["x"].values[p, f], latents["y"].values[p, f],
+                         np.mod(theta[p, f] + 0.4 + rng.normal(0, 0.1), np.pi)))
+    tracks = pd.DataFrame(rows, columns=["frame", "particle", "x", "y", "orientation"])
+    a = compute_dynamics(latents, tracks, settings(bootstrap=30)).attrs
+    assert a["classical_signal"] in ("S_n_moments", "S_6_moments")
+    assert a["transition_frame_classical"] == pytest.approx(25.0, abs=2.0)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_the_store_with_provenance(tmp_path):
+    rng = np.random.default_rng(14)
+    theta = planted_angles(rng, 60, 40, t_c=18.0, width=1.0)
+    latents = make_latents(theta, rng=rng)
+    write_zarr(latents, tmp_path / "latents.zarr")
+    tracks = latents[["x", "y"]].to_dataframe().dropna().reset_index()
+    write_table(tracks, tmp_path / "tracks.parquet")
+    out = tmp_path / "dynamics.zarr"
+    code = main(["dynamics", str(tmp_path / "latents.zarr"), "--tracks", str(tmp_path / "tracks.parquet"),
+                 "-o", str(out), "--settings", json.dumps({"bootstrap": 20})])
+    assert code == 0
+    ds = open_zarr(out, required=["S_n", "n_particles", "angle_unwrapped"])
+    assert ds.attrs["stage"] == "dynamics"
+    assert json.loads(ds.attrs["config"])["bootstrap"] == 20
+    assert ds.attrs["transition_frame"] == pytest.approx(18.0, abs=1.5)
+    assert "frame" in ds.dims and "time" in ds.coords
+
+
+def test_cli_bad_input_exits_2_naming_the_field(tmp_path, capsys):
+    bad = make_latents(np.zeros((3, 8))).drop_vars("angle")
+    write_zarr(bad, tmp_path / "latents.zarr")
+    code = main(["dynamics", str(tmp_path / "latents.zarr"), "-o", str(tmp_path / "d.zarr")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "latents.zarr" in err and "angle" in err
+    assert not (tmp_path / "d.zarr").exists()
