@@ -1,5 +1,6 @@
 # Shared helpers: config validation (before any rule runs), per-stage settings, paths.
 import json
+import shlex
 import sys
 
 from rvae_tools.config import movie_entry, stage_settings, validate_config
@@ -13,10 +14,6 @@ except InputError as _error:
 RESULTS = config["results"]
 MOVIES = list(config["movies"])
 SIMULATED = [name for name in MOVIES if "simulate" in config["movies"][name]]
-
-
-wildcard_constraints:
-    movie="|".join(MOVIES),
 
 
 def settings(section):
@@ -44,9 +41,48 @@ def movie_source(wildcards):
 
 
 def final_outputs():
-    """What `rule all` builds for every movie: its dynamics and every figure, which pull in
+    """The targets of `rule all`, for every movie. Its dynamics and every figure pull in
     every earlier stage. (FIGURES comes from dynamics.smk, included before `rule all`.)"""
     outputs = expand(f"{RESULTS}/{{movie}}/dynamics.zarr", movie=MOVIES)
     stems = [stem for stage_stems in FIGURES.values() for stem in stage_stems]
     outputs += expand(f"{RESULTS}/{{movie}}/figures/{{stem}}.png", movie=MOVIES, stem=stems)
     return outputs
+
+
+# ----------------------------------------------------------------- segmentation
+
+def _segment_settings(movie):
+    return stage_settings(config, "segment", movie)
+
+
+def _movie_pattern(names):
+    # A pattern that matches nothing when the list is empty, so the rule never applies.
+    return "|".join(names) if names else "(?!x)x"
+
+
+SEGMENT_UNET = [m for m in MOVIES if _segment_settings(m)["method"] == "unet"]
+SEGMENT_LOCATE = [m for m in MOVIES if _segment_settings(m)["method"] == "locate"]
+SEGMENT_TRAIN = [m for m in SEGMENT_UNET if not _segment_settings(m)["checkpoint"]]
+
+
+def segmenter_checkpoint(wildcards):
+    """The checkpoint a unet movie segments with: its own, or the configured shared one."""
+    shared = _segment_settings(wildcards.movie)["checkpoint"]
+    return shared if shared else f"{RESULTS}/models/segmenter/{wildcards.movie}.pt"
+
+
+def segmenter_training_input(wildcards):
+    """Pseudo-labels are found in the movie itself; other sources need no input file."""
+    if _segment_settings(wildcards.movie)["train"]["source"] == "pseudo":
+        return {"movie": f"{RESULTS}/{wildcards.movie}/movie.zarr"}
+    return {}
+
+
+def segmenter_training_args(wildcards):
+    """--input for pseudo-labels, --simulate-settings for a simulated movie."""
+    args = []
+    if _segment_settings(wildcards.movie)["train"]["source"] == "pseudo":
+        args += ["--input", f"{RESULTS}/{wildcards.movie}/movie.zarr"]
+    if wildcards.movie in SIMULATED:
+        args += ["--simulate-settings", json.dumps(stage_settings(config, "simulate", wildcards.movie), sort_keys=True)]
+    return " ".join(shlex.quote(a) for a in args)

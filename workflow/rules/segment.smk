@@ -5,46 +5,6 @@
 # locate through `segment_locate`. A unet movie without `segment.checkpoint` gets its own
 # network from `train_segmenter` (trained on the movie's own simulator settings, or on the
 # `segment.synthetic` settings for a real movie); with a checkpoint the training is skipped.
-import shlex
-
-
-def _segment_settings(movie):
-    return stage_settings(config, "segment", movie)
-
-
-def _movie_pattern(names):
-    # A pattern that matches nothing when the list is empty, so the rule never applies.
-    return "|".join(names) if names else "(?!x)x"
-
-
-SEGMENT_UNET = [m for m in MOVIES if _segment_settings(m)["method"] == "unet"]
-SEGMENT_LOCATE = [m for m in MOVIES if _segment_settings(m)["method"] == "locate"]
-SEGMENT_TRAIN = [m for m in SEGMENT_UNET if not _segment_settings(m)["checkpoint"]]
-
-
-def segmenter_checkpoint(wildcards):
-    """The checkpoint a unet movie segments with: its own, or the configured shared one."""
-    shared = _segment_settings(wildcards.movie)["checkpoint"]
-    return shared if shared else f"{RESULTS}/models/segmenter/{wildcards.movie}.pt"
-
-
-def segmenter_training_input(wildcards):
-    """Pseudo-labels are found in the movie itself; other sources need no input file."""
-    if _segment_settings(wildcards.movie)["train"]["source"] == "pseudo":
-        return {"movie": f"{RESULTS}/{wildcards.movie}/movie.zarr"}
-    return {}
-
-
-def segmenter_training_args(wildcards):
-    """--input for pseudo-labels, --simulate-settings for a simulated movie."""
-    args = []
-    if _segment_settings(wildcards.movie)["train"]["source"] == "pseudo":
-        args += ["--input", f"{RESULTS}/{wildcards.movie}/movie.zarr"]
-    if wildcards.movie in SIMULATED:
-        args += ["--simulate-settings", json.dumps(stage_settings(config, "simulate", wildcards.movie), sort_keys=True)]
-    return " ".join(shlex.quote(a) for a in args)
-
-
 rule train_segmenter:
     """Train the U-Net segmenter of one movie on simulated frames, annotations or pseudo-labels."""
     input:
