@@ -86,3 +86,29 @@ def segmenter_training_args(wildcards):
     if wildcards.movie in SIMULATED:
         args += ["--simulate-settings", json.dumps(stage_settings(config, "simulate", wildcards.movie), sort_keys=True)]
     return " ".join(shlex.quote(a) for a in args)
+
+
+# ----------------------------------------------------------------- rVAE training
+
+def _rvae_pooled():
+    return bool(stage_settings(config, "rvae")["pooled"])
+
+
+def rvae_model_path(wildcards):
+    """The model that a movie's encode step reads (the pooled model, or the movie's own)."""
+    if _rvae_pooled():
+        return f"{RESULTS}/models/rvae/pooled/model.pt"
+    return f"{RESULTS}/models/rvae/{wildcards.movie}/model.pt"
+
+
+def _rvae_train_patches(wildcards):
+    if wildcards.scope == "pooled":
+        return expand(f"{RESULTS}/{{movie}}/patches.zarr", movie=MOVIES)
+    return [f"{RESULTS}/{wildcards.scope}/patches.zarr"]
+
+
+def _rvae_train_settings(wildcards):
+    # The pooled model has no movie wildcard, so it takes the config's rvae section as is;
+    # a per-movie model takes that movie's overrides.
+    movie = None if wildcards.scope == "pooled" else wildcards.scope
+    return json.dumps(stage_settings(config, "rvae", movie), sort_keys=True)

@@ -1,0 +1,35 @@
+"""Rotationally invariant VAE (rVAE) for particle windows.
+
+Modules: :mod:`.networks` (encoders and coordinate decoders), :mod:`.losses` (KL terms and
+likelihoods), :mod:`.model` (:class:`RVAE`), :mod:`.trainer` (the training loop),
+:mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE, Gaussian mixture).
+"""
+
+from .model import RVAE, wrap_angle
+
+__all__ = ["RVAE", "build_model", "load_model", "wrap_angle"]
+
+
+def build_model(settings: dict, window_size):
+    """The model the ``rvae.model`` setting selects: RVAE, the plain VAE or the Gaussian mixture."""
+    if settings.get("model", "rvae") == "gmm":
+        from .baselines import WindowGMM
+
+        return WindowGMM.from_settings(settings, window_size)
+    return RVAE.from_settings(settings, window_size)
+
+
+def load_model(path, **expect):
+    """Load any model that :func:`build_model` can make (dispatches on the checkpoint's kind)."""
+    from pathlib import Path
+
+    from ..errors import InputError
+    from .baselines import WindowGMM
+    from .model import read_checkpoint
+
+    if not Path(path).exists():
+        raise InputError(f"{path}: model checkpoint not found")
+    kind = read_checkpoint(Path(path)).get("kind")
+    if kind == "gmm":
+        return WindowGMM.load(path, **expect)
+    return RVAE.load(path, **expect)

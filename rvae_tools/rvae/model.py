@@ -1,0 +1,448 @@
+"""The rotationally invariant VAE: build, fit, encode, decode, save and load.
+
+Units at the API: angles in radians (counter-clockwise from +x towards +y in (x, y) pixel
+coordinates, the convention of ``truth.parquet``), shifts in pixels (``dx`` along x = column,
+``dy`` along y = row).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from . import losses
+from .networks import NoPoseEncoder, TemplateDecoder, build_decoder, build_encoder
+
+FORMAT = "rvae-tools/rvae-checkpoint"
+FORMAT_VERSION = 1
+#: nats per squared pixel of template-centroid offset (see RVAE.loss).
+CENTRE_WEIGHT = 10.0
+
+
+def _default_settings(overrides: dict[str, Any]) -> dict[str, Any]:
+    from ..config import validate_section
+
+    settings = validate_section("rvae", overrides, source="RVAE")
+    if settings.get("seed") is None:
+        settings["seed"] = 0
+    return settings
+
+
+def wrap_angle(angle: np.ndarray, symmetry: int = 1) -> np.ndarray:
+    """Angles reduced to [-pi/n, pi/n) for an n-fold symmetric particle (n = 1: [-pi, pi))."""
+    period = 2 * np.pi / max(int(symmetry), 1)
+    return np.remainder(np.asarray(angle) + period / 2, period) - period / 2
+
+
+class RVAE:
+    """Rotationally invariant VAE with a coordinate decoder.
+
+    Parameters
+    ----------
+    window_size : int or (int, int)
+        Window height and width in pixels.
+    latent_dim : int
+        Number of content latents k.
+    encoder : {"equivariant", "conv", "mlp"}
+    rotations : int
+        Discrete rotations r of the equivariant encoder.
+    **settings
+        Any other key of the config's ``rvae`` section (see the schema); missing keys take the
+        schema's defaults.
+    """
+
+    def __init__(self, window_size: int | tuple[int, int] = 32, latent_dim: int | None = None,
+                 encoder: str | None = None, rotations: int | None = None, **settings: Any):
+        overrides = dict(settings)
+        for key, value in (("latent_dim", latent_dim), ("encoder", encoder), ("rotations", rotations)):
+            if value is not None:
+                overrides[key] = value
+        overrides.pop("window_size", None)
+        self.settings = _default_settings(overrides)
+        if isinstance(window_size, (int, np.integer)):
+            window_size = (int(window_size), int(window_size))
+        self.window_size: tuple[int, int] = (int(window_size[0]), int(window_size[1]))
+        if min(self.window_size) < 4:
+            raise InputError(f"window_size {self.window_size} is too small; expected at least 4x4 pixels")
+        self.checksum: str | None = None
+        self.normalisation: dict[str, float] = {}
+        self.device = torch.device("cpu")
+        torch.manual_seed(int(self.settings["seed"]))
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_settings(cls, rvae_settings: dict[str, Any], window_size: int | tuple[int, int]) -> RVAE:
+        """A model from the config's (validated) ``rvae`` section."""
+        return cls(window_size, **{k: v for k, v in rvae_settings.items()})
+
+    def _build(self) -> None:
+        s = self.settings
+        k = int(s["latent_dim"])
+        pose = s["model"] == "rvae"
+        rotations = int(s["rotations"]) if s["encoder"] == "equivariant" and pose else 1
+        enc = build_encoder(s["encoder"] if pose or s["encoder"] != "equivariant" else "conv",
+                            self.window_size, k, hidden=s["encoder_hidden"], channels=s["encoder_channels"],
+                            rotations=rotations)
+        self.encoder = enc if pose else NoPoseEncoder(enc)
+        self.decoder = build_decoder(s["decoder"], self.window_size, k, s["decoder_hidden"])
+        self.rotations = rotations
+        self.pixel = 2.0 / (max(self.window_size[1], 2) - 1)
+        self.noise = torch.nn.Parameter(torch.zeros(()))  # log sd of a learned Gaussian likelihood
+        self.net = torch.nn.ModuleDict({"encoder": self.encoder, "decoder": self.decoder})
+        self.net.register_parameter("log_noise", self.noise)
+        self.log_rotation_prior = losses.rotation_log_prior(rotations, s["angle_prior"], float(s["angle_prior_width"]))
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.settings["latent_dim"])
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-able description of the model (its settings and window size)."""
+        return {**self.settings, "window_size": list(self.window_size)}
+
+    def to(self, device: torch.device) -> RVAE:
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self.log_rotation_prior = self.log_rotation_prior.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------ objective
+
+    def _noise_sd(self) -> torch.Tensor:
+        fixed = self.settings["likelihood_sd"]
+        if fixed is None:
+            return self.noise.exp().clamp(min=1e-3)
+        return torch.tensor(float(fixed), device=self.noise.device)
+
+    def loss(self, x: torch.Tensor, beta: float = 1.0, sample: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Negative ELBO per window, averaged over the batch, and its parts (per window).
+
+        ``x`` (B, wy, wx); NaN pixels are left out of the likelihood.
+        """
+        mask = torch.isfinite(x)
+        x = torch.nan_to_num(x, nan=0.0)
+        has_missing = not bool(mask.all())
+        enc = self.encoder(x)
+        enc = {key: value.float() for key, value in enc.items()}
+        s = self.settings
+        top = int(s["decode_components"])
+        marginal = self.rotations > 1 and s["rotation_inference"] == "marginal"
+        if marginal:
+            top = 0
+        if 0 < top < enc["logits"].shape[1]:
+            # Truncated categorical posterior: only its `top` most probable rotations carry mass.
+            # Still a valid ELBO (a different variational family) and r/top times less decoding.
+            keep = enc["logits"].detach().topk(top, dim=1).indices
+            full_logits = enc["logits"]
+            enc = {**enc, "logits": full_logits.gather(1, keep), "theta_mu": enc["theta_mu"].gather(1, keep),
+                   "theta_logsd": enc["theta_logsd"].gather(1, keep)}
+            log_prior = self.log_rotation_prior[keep]
+            centres = keep.float() * (2 * math.pi / self.rotations)
+        else:
+            log_prior = self.log_rotation_prior[None].expand_as(enc["logits"])
+            centres = torch.arange(enc["logits"].shape[1], device=x.device, dtype=torch.float32)[None] * (2 * math.pi / max(self.rotations, 1))
+        background = self._background(x, mask)
+        eps = (lambda t: torch.randn_like(t)) if sample else (lambda t: torch.zeros_like(t))
+        z = enc["z_mu"] + enc["z_logsd"].exp() * eps(enc["z_mu"])
+        t = enc["t_mu"] + enc["t_logsd"].exp() * eps(enc["t_mu"])
+        if self.rotations > 1:
+            # The equivariant encoder's angle is a discrete rotation (categorical, marginalised)
+            # plus a point-estimated offset within it: sampling the offset with a spread as wide
+            # as the bin blurs the template and the offset is never learned (measured: angles
+            # stay quantised to the bins).
+            theta = enc["theta_mu"]
+        else:
+            theta = enc["theta_mu"] + enc["theta_logsd"].exp() * eps(enc["theta_mu"])
+        centre_penalty = torch.zeros_like(z[:, 0])
+        if isinstance(self.decoder, TemplateDecoder):
+            tpl = self.decoder.template(z)
+            decoded = self.decoder(z, theta, t, tpl=tpl).float()           # (B, m, H, W)
+            if s["model"] == "rvae":
+                # The template's origin is otherwise arbitrary; pinning it to the particle's
+                # centroid makes (dx, dy) the particle's position, for every species alike.
+                c = self.decoder.centroid(tpl.float()) / self.pixel
+                centre_penalty = CENTRE_WEIGHT * (c ** 2).sum(-1)
+        else:
+            decoded = self.decoder(z, theta, t).float()
+        decoded = decoded + background[:, None, None, None]
+        xm = x[:, None]
+        mm = mask[:, None].float() if has_missing else None
+        if self.settings["likelihood"] == "bernoulli":
+            rec = losses.bernoulli_nll(xm, decoded, mm)
+        else:
+            rec = losses.gaussian_nll(xm, decoded, self._noise_sd(), mm)
+        q = torch.softmax(enc["logits"], dim=1)
+        pose = s["model"] == "rvae"
+        if not pose:
+            kl_theta = torch.zeros_like(rec)
+        elif self.rotations > 1:
+            r = self.rotations
+            width = math.pi / r if s["angle_prior"] == "uniform" else min(float(s["angle_prior_width"]), math.pi / r)
+            # Point offset: only the prior's log-density term N(offset; 0, width) remains.
+            kl_theta = 0.5 * ((enc["theta_mu"] - centres) / width) ** 2
+        elif s["angle_prior"] == "uniform":
+            kl_theta = losses.kl_uniform_angle(enc["theta_logsd"])
+        else:
+            kl_theta = losses.kl_normal(enc["theta_mu"], enc["theta_logsd"], 0.0, float(s["angle_prior_width"]))
+        kl_rot = losses.kl_categorical(enc["logits"], log_prior) if self.rotations > 1 else torch.zeros_like(rec[:, 0])
+        if pose:
+            kl_t = losses.kl_normal(enc["t_mu"], enc["t_logsd"], 0.0, float(s["translation_prior"]) * self.pixel).sum(-1)
+        else:
+            kl_t = torch.zeros_like(kl_rot)
+        kl_z = losses.kl_normal(enc["z_mu"], enc["z_logsd"]).sum(-1)
+        if marginal:
+            # The discrete rotation is summed out exactly: -log sum_k p(k) p(x | k, z, d). Its
+            # posterior (the responsibilities) weighs every rotation by how well it explains the
+            # window, so a rotation the encoder missed still wins when it fits; the encoder's
+            # categorical is trained to predict the responsibilities (it aligns z's features).
+            log_w = log_prior - rec - beta * kl_theta
+            total_rot = -torch.logsumexp(log_w, dim=1)
+            resp = torch.softmax(log_w.detach(), dim=1)
+            distill = -(resp * torch.log_softmax(enc["logits"], dim=1)).sum(1)
+            rec_w = (resp * rec).sum(1)
+            kl_angle = (resp * kl_theta).sum(1)
+            total = total_rot + distill + beta * (kl_t + kl_z) + centre_penalty
+        else:
+            rec_w = (q * rec).sum(1)
+            kl_angle = (q * kl_theta).sum(1) + kl_rot
+            total = rec_w + beta * (kl_angle + kl_t + kl_z) + centre_penalty
+        parts = {"rec": rec_w, "centre": centre_penalty, "kl_z": kl_z, "kl_angle": kl_angle, "kl_shift": kl_t}
+        return total.mean(), parts
+
+    def _responsibilities(self, x: torch.Tensor, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Posterior over the discrete rotations given the posterior means of z and the shift."""
+        mask = torch.isfinite(x)
+        x0 = torch.nan_to_num(x, nan=0.0)
+        decoded = self.decoder(enc["z_mu"], enc["theta_mu"], enc["t_mu"]).float()
+        decoded = decoded + self._background(x0, mask)[:, None, None, None]
+        mm = mask[:, None].float() if not bool(mask.all()) else None
+        if self.settings["likelihood"] == "bernoulli":
+            rec = losses.bernoulli_nll(x0[:, None], decoded, mm)
+        else:
+            rec = losses.gaussian_nll(x0[:, None], decoded, self._noise_sd(), mm)
+        return torch.softmax(self.log_rotation_prior[None] - rec, dim=1)
+
+    def _background(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-window background level added to the decoding (0 unless ``background: median``).
+
+        Scan lines and uneven substrates shift whole windows up or down; taking that out of
+        the decoder keeps the content latents for the particle's shape.
+        """
+        if self.settings["background"] != "median" or self.settings["likelihood"] == "bernoulli":
+            return torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        flat = torch.where(mask, x, torch.nan).flatten(1).float()
+        return torch.nan_to_num(flat.nanmedian(dim=1).values, nan=0.0)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self, windows, *, epochs: int | None = None, batch_size: int | None = None,
+            checkpoint_dir: str | os.PathLike | None = None, resume: bool = True, device: str = "auto",
+            progress: bool = True, history_path: str | os.PathLike | None = None, callback=None):
+        """Train on ``windows`` (array (n, wy, wx) or patches.zarr paths); returns the history.
+
+        See :func:`rvae_tools.rvae.trainer.fit` for the parameters.
+        """
+        from .trainer import fit
+
+        return fit(self, windows, epochs=epochs, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+                   resume=resume, device=device, progress=progress, history_path=history_path,
+                   callback=callback)
+
+    # ------------------------------------------------------------------ inference
+
+    def _batches(self, windows, batch_size: int):
+        from .data import WindowSource
+
+        source = windows if hasattr(windows, "iter_batches") else WindowSource(windows)
+        if tuple(source.window_size) != self.window_size:
+            raise InputError(f"windows are {source.window_size[0]}x{source.window_size[1]} pixels but the model "
+                             f"was trained on {self.window_size[0]}x{self.window_size[1]}")
+        return source, source.iter_batches(np.arange(len(source)), batch_size)
+
+    def _prepare(self, device: str | torch.device):
+        from ..device import select_device
+
+        dev = device if isinstance(device, torch.device) else select_device(device)
+        self.to(dev)
+        self.net.eval()
+        return dev
+
+    def encode(self, windows, batch_size: int | None = None, device: str | torch.device = "auto") -> dict[str, np.ndarray]:
+        """Posterior means and spreads of every window.
+
+        Returns
+        -------
+        dict of ndarray
+            ``angle`` (n,) rad in [-pi, pi): the most probable rotation component's angle;
+            ``angle_sd``: the equivariant encoder's spread of the rotation posterior about it
+            (large for ambiguous orientations, e.g. pi/2 when a rod's two ends are equally
+            likely), or the Gaussian angle posterior's sd of the plain encoders;
+            ``rotation_prob``: the probability of that component;
+            ``dx``, ``dy``, ``dx_sd``, ``dy_sd`` in pixels; ``z``, ``z_sd`` (n, k);
+            ``background``: the level added to the decoding (``background: median``).
+        """
+        from ..device import autocast, to_device
+
+        batch_size = int(batch_size or self.settings["encode_batch_size"])
+        source, batches = self._batches(windows, batch_size)
+        dev = self._prepare(device)
+        n, k = len(source), self.latent_dim
+        out = {name: np.empty(n, dtype=np.float32) for name in
+               ("angle", "angle_sd", "rotation_prob", "dx", "dy", "dx_sd", "dy_sd", "background")}
+        out["z"] = np.empty((n, k), dtype=np.float32)
+        out["z_sd"] = np.empty((n, k), dtype=np.float32)
+        with torch.inference_mode():
+            for idx, block in batches:
+                x = to_device(torch.from_numpy(block), dev)
+                with autocast(dev):
+                    enc = self.encoder(torch.nan_to_num(x, nan=0.0))
+                enc = {key: value.float() for key, value in enc.items()}
+                q = torch.softmax(enc["logits"], dim=1)
+                if self.rotations > 1 and self.settings["rotation_inference"] == "marginal":
+                    q = self._responsibilities(x, enc)
+                best = q.argmax(1, keepdim=True)
+                theta = enc["theta_mu"].gather(1, best)[:, 0]
+                theta = torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
+                if self.rotations > 1:
+                    # Spread of the rotation posterior about the reported angle (its components
+                    # are point angles): large when a particle's orientation is ambiguous.
+                    diff = torch.remainder(enc["theta_mu"] - theta[:, None] + math.pi, 2 * math.pi) - math.pi
+                    angle_sd = (q * diff ** 2).sum(1).sqrt()
+                else:
+                    angle_sd = enc["theta_logsd"][:, 0].exp()
+                res = {
+                    "angle": theta,
+                    "angle_sd": angle_sd,
+                    "rotation_prob": q.gather(1, best)[:, 0],
+                    "dx": enc["t_mu"][:, 0] / self.pixel,
+                    "dy": enc["t_mu"][:, 1] / self.pixel,
+                    "dx_sd": enc["t_logsd"][:, 0].exp() / self.pixel,
+                    "dy_sd": enc["t_logsd"][:, 1].exp() / self.pixel,
+                    "z": enc["z_mu"],
+                    "z_sd": enc["z_logsd"].exp(),
+                    "background": self._background(torch.nan_to_num(x), torch.isfinite(x)),
+                }
+                for name, value in res.items():
+                    out[name][idx] = value.cpu().numpy()
+        return out
+
+    def decode(self, z, angle=None, dx=None, dy=None, device: str | torch.device = "cpu") -> np.ndarray:
+        """Images (n, wy, wx) of content ``z`` (n, k) at ``angle`` (rad) and shifts (px); None = 0."""
+        z = np.atleast_2d(np.asarray(z, dtype=np.float32))
+        if self.latent_dim == 0:
+            z = z.reshape(-1, 0)
+        if z.shape[1] != self.latent_dim:
+            raise InputError(f"z has {z.shape[1]} columns but the model has latent_dim {self.latent_dim}")
+        n = z.shape[0]
+
+        def column(v):
+            if v is None:
+                return np.zeros(n, dtype=np.float32)
+            return np.broadcast_to(np.asarray(v, dtype=np.float32).reshape(-1), (n,)).copy()
+
+        dev = self._prepare(device)
+        with torch.inference_mode():
+            zt = torch.from_numpy(z).to(dev)
+            theta = torch.from_numpy(column(angle)).to(dev)[:, None]
+            shift = torch.from_numpy(np.stack([column(dx), column(dy)], 1) * self.pixel).to(dev)
+            images = []
+            for start in range(0, n, 1024):
+                sl = slice(start, start + 1024)
+                out = self.decoder(zt[sl], theta[sl], shift[sl])[:, 0].float()
+                if self.settings["likelihood"] == "bernoulli":
+                    out = torch.sigmoid(out)
+                images.append(out.cpu().numpy())
+        return np.concatenate(images) if images else np.empty((0, *self.window_size), np.float32)
+
+    def reconstruct(self, windows, batch_size: int | None = None, device: str | torch.device = "auto") -> np.ndarray:
+        """Each window decoded at its own encoded pose and content (posterior means)."""
+        enc = self.encode(windows, batch_size=batch_size, device=device)
+        images = self.decode(enc["z"], enc["angle"], enc["dx"], enc["dy"])
+        return images + enc["background"][:, None, None]
+
+    # ------------------------------------------------------------------ persistence
+
+    def state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds about the model (tensors and JSON-able values only)."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": self.settings["model"],
+            "config": self.config,
+            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "normalisation": dict(self.normalisation),
+        }
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the model atomically to ``path``; returns (and stores) its SHA-256."""
+        from ..io import atomic_output
+        from ..provenance import file_sha256, provenance_attrs
+
+        payload = self.state()
+        payload["provenance"] = provenance_attrs(settings=self.settings, seed=int(self.settings["seed"]), stage="train")
+        with atomic_output(path) as tmp:
+            torch.save(payload, tmp)
+        self.checksum = file_sha256(path)
+        return self.checksum
+
+    @classmethod
+    def from_state(cls, payload: dict[str, Any], source: str = "checkpoint") -> RVAE:
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise InputError(f"{source}: not an rvae-tools model checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})")
+        config = dict(payload["config"])
+        window_size = tuple(config.pop("window_size"))
+        try:
+            model = cls(window_size, **config)
+        except InputError as exc:
+            raise InputError(f"{source}: its configuration is not valid here ({exc})") from None
+        try:
+            model.net.load_state_dict(payload["state_dict"])
+        except RuntimeError as exc:
+            raise InputError(f"{source}: weights do not fit the model its config describes ({str(exc).splitlines()[0]})") from None
+        model.normalisation = dict(payload.get("normalisation") or {})
+        return model
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, window_size: int | tuple[int, int] | None = None,
+             latent_dim: int | None = None) -> RVAE:
+        """Load a model saved by :meth:`save` (without unpickling arbitrary objects).
+
+        ``window_size`` / ``latent_dim``, when given, must match the checkpoint.
+        """
+        from ..provenance import file_sha256
+
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path}: model checkpoint not found")
+        payload = read_checkpoint(path)
+        model = cls.from_state(payload, str(path))
+        check_compatible(model.config, str(path), window_size=window_size, latent_dim=latent_dim)
+        model.checksum = file_sha256(path)
+        return model
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (torch raises UnpicklingError, RuntimeError, EOFError, ...)
+        raise InputError(f"{path}: cannot be read as a model checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def check_compatible(config: dict[str, Any], source: str, *, window_size=None, latent_dim=None) -> None:
+    """Raise InputError when a checkpoint's window size or latent size differs from what is expected."""
+    if window_size is not None:
+        ws = (window_size, window_size) if isinstance(window_size, (int, np.integer)) else tuple(window_size)
+        have = tuple(config["window_size"])
+        if tuple(int(v) for v in ws) != tuple(int(v) for v in have):
+            raise InputError(f"{source}: checkpoint is for {have[0]}x{have[1]} windows, but the windows are {ws[0]}x{ws[1]}")
+    if latent_dim is not None and int(latent_dim) != int(config["latent_dim"]):
+        raise InputError(f"{source}: checkpoint has latent_dim {config['latent_dim']}, but latent_dim {latent_dim} was asked for")

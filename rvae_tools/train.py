@@ -1,0 +1,68 @@
+"""``rvae-tools train``: train the rotationally invariant VAE (or a baseline) on windows.
+
+Writes the model checkpoint, ``history.csv`` next to it and per-epoch checkpoints in the
+folder ``<model stem>.checkpoints`` beside it; running the same command again after an
+interruption resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from .config import add_settings_arguments, settings_from_args
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir_for(model_path: str | Path) -> Path:
+    """The folder of per-epoch checkpoints that belongs to ``model_path``."""
+    model_path = Path(model_path)
+    return model_path.with_name(model_path.stem + ".checkpoints")
+
+
+def history_path_for(model_path: str | Path) -> Path:
+    """The training history CSV written next to ``model_path``."""
+    return Path(model_path).with_name("history.csv")
+
+
+def train(patches: list[str | Path], output: str | Path, settings: dict, *, device: str = "auto",
+          progress: bool = True, resume: bool = True):
+    """Train on the windows of ``patches`` (patches.zarr stores) and save the model at ``output``.
+
+    Returns the trained model; its ``checksum`` is the SHA-256 of ``output``.
+    """
+    from .rvae import build_model
+    from .rvae.data import WindowSource
+
+    if not patches:
+        raise InputError("no patches.zarr store was given; expected at least one")
+    source = WindowSource([str(p) for p in patches], memory_mb=float(settings["memory_mb"]))
+    model = build_model(settings, source.window_size)
+    output = Path(output)
+    model.fit(source, checkpoint_dir=checkpoint_dir_for(output), resume=resume, device=device,
+              progress=progress, history_path=history_path_for(output))
+    model.save(output)
+    log.info("wrote %s (sha256 %s)", output, model.checksum)
+    return model
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("patches", nargs="+", help="patches.zarr store(s) of the windows stage (one model over all)")
+    parser.add_argument("-o", "--output", required=True, metavar="MODEL.pt", help="model checkpoint to write")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
+    parser.add_argument("--no-resume", action="store_true", help="start afresh even when checkpoints exist")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings_arguments(parser, "rvae")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, "rvae")
+    train(args.patches, args.output, settings, device=args.device, progress=not args.no_progress,
+          resume=not args.no_resume)
+    return 0
+
+
+COMMANDS = {"train": (configure, run)}
