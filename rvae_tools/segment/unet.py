@@ -138,8 +138,11 @@ def save_checkpoint(path: str | Path, model: UNet, config: dict[str, Any], prove
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_output(path) as tmp:
+        # Wall-clock timings stay in the history CSV: in the checkpoint they would change its
+        # checksum between otherwise identical reruns.
+        steps = [{k: v for k, v in row.items() if k != "seconds"} for row in history or []]
         torch.save({"state_dict": state, "config": config, "provenance": provenance,
-                    "history": history or []}, tmp)
+                    "history": steps}, tmp)
     return file_sha256(path)
 
 

@@ -1,5 +1,6 @@
 # Shared helpers: config validation (before any rule runs), per-stage settings, paths.
 import json
+import os
 import shlex
 import sys
 
@@ -23,6 +24,29 @@ def settings(section):
         return json.dumps(stage_settings(config, section, wildcards.movie), sort_keys=True)
 
     return _settings
+
+
+def input_mb(input):
+    """Size of a job's inputs in MB, counting what is inside Zarr stores (directories),
+    which Snakemake's own input.size_mb counts as empty."""
+    total = 0
+    for path in input:
+        if os.path.isdir(path):
+            for root, _, files in os.walk(path):
+                total += sum(os.path.getsize(os.path.join(root, name)) for name in files)
+        elif os.path.exists(path):
+            total += os.path.getsize(path)
+    return total / 1e6
+
+
+def mem_mb_from_input(base, per_input_mb):
+    """resources: memory that grows with the size of the inputs on disk (MB)."""
+    return lambda wildcards, input: int(base + per_input_mb * input_mb(input))
+
+
+def runtime_from_input(base, per_input_mb):
+    """resources: runtime in minutes that grows with the size of the inputs on disk."""
+    return lambda wildcards, input: int(base + per_input_mb * input_mb(input))
 
 
 def reader_options(wildcards):
@@ -105,6 +129,13 @@ def _rvae_train_patches(wildcards):
     if wildcards.scope == "pooled":
         return expand(f"{RESULTS}/{{movie}}/patches.zarr", movie=MOVIES)
     return [f"{RESULTS}/{wildcards.scope}/patches.zarr"]
+
+
+def rvae_train_mem_mb(wildcards, input):
+    """The trainer keeps at most rvae.memory_mb of windows in memory and streams the rest."""
+    movie = None if wildcards.scope == "pooled" else wildcards.scope
+    window_mb = stage_settings(config, "rvae", movie)["memory_mb"]
+    return int(1500 + min(window_mb, 8 * input_mb(input)))
 
 
 def _rvae_train_settings(wildcards):

@@ -14,8 +14,8 @@ rule encode:
         f"{RESULTS}/benchmarks/encode/{{movie}}.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=mem_mb_from_input(2000, 4),
+        runtime=runtime_from_input(10, 1),
     conda:
         "../envs/encode.yaml"
     shell:

@@ -13,7 +13,7 @@ rule ingest:
     threads: 1
     resources:
         mem_mb=2000,
-        runtime=30,
+        runtime=runtime_from_input(10, 0.05),
     conda:
         "../envs/ingest.yaml"
     shell:

@@ -54,8 +54,8 @@ rule segment:
         f"{RESULTS}/benchmarks/segment/{{movie}}.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=mem_mb_from_input(2000, 6),
+        runtime=runtime_from_input(10, 1),
     conda:
         "../envs/segment.yaml"
     shell:
@@ -80,8 +80,8 @@ rule segment_locate:
         f"{RESULTS}/benchmarks/segment/{{movie}}.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=60,
+        mem_mb=mem_mb_from_input(1500, 2),
+        runtime=runtime_from_input(10, 1),
     conda:
         "../envs/segment.yaml"
     shell:

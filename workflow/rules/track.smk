@@ -16,8 +16,8 @@ rule track:
         f"{RESULTS}/benchmarks/track/{{movie}}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=60,
+        mem_mb=mem_mb_from_input(1500, 20),
+        runtime=runtime_from_input(10, 2),
     conda:
         "../envs/track.yaml"
     shell:

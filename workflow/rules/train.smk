@@ -18,8 +18,8 @@ rule train:
     resources:
         gpu=1,
         cpus_per_gpu=2,
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=rvae_train_mem_mb,
+        runtime=runtime_from_input(20, 2),
     conda:
         "../envs/train.yaml"
     shell:

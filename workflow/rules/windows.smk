@@ -26,7 +26,7 @@ rule windows:
     threads: 1
     resources:
         mem_mb=2000,
-        runtime=30,
+        runtime=runtime_from_input(10, 0.5),
     conda:
         "../envs/windows.yaml"
     shell:
