@@ -39,14 +39,19 @@ def input_mb(input):
     return total / 1e6
 
 
-def mem_mb_from_input(base, per_input_mb):
-    """resources: memory that grows with the size of the inputs on disk (MB)."""
-    return lambda wildcards, input: int(base + per_input_mb * input_mb(input))
+def _sized_inputs(input, only):
+    return input if only is None else [input[name] for name in only]
 
 
-def runtime_from_input(base, per_input_mb):
+def mem_mb_from_input(base, per_input_mb, only=None):
+    """resources: memory that grows with the size of the inputs on disk (MB); ``only`` names
+    the inputs that drive it (default: all)."""
+    return lambda wildcards, input: int(base + per_input_mb * input_mb(_sized_inputs(input, only)))
+
+
+def runtime_from_input(base, per_input_mb, only=None):
     """resources: runtime in minutes that grows with the size of the inputs on disk."""
-    return lambda wildcards, input: int(base + per_input_mb * input_mb(input))
+    return lambda wildcards, input: int(base + per_input_mb * input_mb(_sized_inputs(input, only)))
 
 
 def reader_options(wildcards):

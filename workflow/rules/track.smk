@@ -16,8 +16,9 @@ rule track:
         f"{RESULTS}/benchmarks/track/{{movie}}.tsv"
     threads: 1
     resources:
-        mem_mb=mem_mb_from_input(1500, 20),
-        runtime=runtime_from_input(10, 2),
+        # the movie is read only for its units: the detections drive the cost
+        mem_mb=mem_mb_from_input(1500, 20, only=["detections"]),
+        runtime=runtime_from_input(10, 2, only=["detections"]),
     conda:
         "../envs/track.yaml"
     shell:

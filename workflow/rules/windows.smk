@@ -1,6 +1,3 @@
-import shlex
-
-
 rule windows:
     """Cut a window around every tracked detection, centred sub-pixel and normalised per movie."""
     input:
