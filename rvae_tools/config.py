@@ -178,11 +178,12 @@ def validate_section(
     return settings
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``override`` merged in, nested mappings merged key by key."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -201,7 +202,7 @@ def stage_settings(
         if movie not in movies:
             raise InputError(f"{source}: no movie named {movie!r} under 'movies' (have: {', '.join(movies) or 'none'})")
         override = movies[movie].get(section) or {}
-        base = _deep_merge(base, override)
+        base = deep_merge(base, override)
     prefix = section if movie is None else f"movies.{movie}.{section}"
     settings = validate_section(section, base, source=source, prefix=prefix)
     if settings.get("seed") is None:

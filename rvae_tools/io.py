@@ -60,7 +60,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _json_safe_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+def json_safe_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     """Zarr attributes must be JSON: turn numpy scalars into Python ones, dicts into JSON text."""
     out: dict[str, Any] = {}
     for key, value in attrs.items():
@@ -100,9 +100,9 @@ def write_zarr(
     attrs = dict(ds.attrs)
     if provenance:
         attrs.update(provenance)
-    ds.attrs = _json_safe_attrs(attrs)
+    ds.attrs = json_safe_attrs(attrs)
     for name in ds.variables:
-        ds[name].attrs = _json_safe_attrs(dict(ds[name].attrs))
+        ds[name].attrs = json_safe_attrs(dict(ds[name].attrs))
     with atomic_output(path) as tmp:
         with warnings.catch_warnings():
             # zarr 3 warns that consolidated metadata is not part of the v3 spec yet; we

@@ -44,7 +44,7 @@ from scipy import ndimage
 
 from .config import add_settings_arguments, settings_from_args
 from .errors import InputError
-from .io import _json_safe_attrs, atomic_output, open_zarr, read_table
+from .io import atomic_output, json_safe_attrs, open_zarr, read_table
 from .provenance import provenance_attrs
 
 log = logging.getLogger(__name__)
@@ -502,7 +502,7 @@ def _finalise(store: Path, attrs: dict[str, Any]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         group = zarr.open_group(store, mode="r+")
-        group.attrs.update(_json_safe_attrs(attrs))
+        group.attrs.update(json_safe_attrs(attrs))
         zarr.consolidate_metadata(store)
 
 

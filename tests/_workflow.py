@@ -7,7 +7,6 @@ Every run works in its own folder (``--directory``), so the lock, ``.snakemake/`
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -18,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from rvae_tools.config import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "Snakefile"
@@ -43,19 +44,9 @@ def tool_env(**extra: str) -> dict[str, str]:
 def write_config(path: Path, overrides: dict[str, Any] | None = None, base: Path = SMALL_CONFIG) -> Path:
     """Write ``base`` (the small test workflow config) deep-merged with ``overrides``."""
     config = yaml.safe_load(base.read_text())
-    config = _merge(config, overrides or {})
+    config = deep_merge(config, overrides or {})
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def snakemake_args(workdir: Path, configfile: Path, *args: str) -> list[str]:
