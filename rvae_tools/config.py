@@ -231,6 +231,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, section: str) -> Non
         help="the '%s' section as JSON (as Snakemake rules pass it); overrides --config" % section,
     )
     group.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
+    group.add_argument(
+        "--inspect", metavar="JSON",
+        help="inspect.json of the movie (rvae-tools inspect): settings left at 'auto' take its values",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:
@@ -253,4 +257,9 @@ def settings_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]
             settings["seed"] = 0
     if getattr(args, "seed", None) is not None:
         settings["seed"] = int(args.seed)
+    # Settings left at 'auto' take the inspected value (or their fallback): no stage sees 'auto'.
+    from .inspect import read_inspection, resolve_settings
+
+    inspection = read_inspection(args.inspect) if getattr(args, "inspect", None) else None
+    settings, _ = resolve_settings(section, settings, inspection)
     return settings
