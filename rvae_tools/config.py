@@ -290,7 +290,7 @@ def parse_yaml(text: str, source: str) -> Any:
     """Parse YAML text strictly: syntax errors and duplicate keys raise :class:`InputError`
     naming ``source``, the line and (for syntax errors) the column."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except DuplicateKeyError as exc:
         raise InputError(f"{source}: {exc}") from None
     except yaml.MarkedYAMLError as exc:

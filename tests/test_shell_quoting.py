@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from _workflow import SNAKEFILE, tool_env
+
 from rvae_tools.config import load_schema, validate_config
 from rvae_tools.errors import InputError
 
@@ -113,7 +113,7 @@ def _rendered_commands(work: Path, configfile: Path) -> list[tuple[str, str, str
         [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(work),
          "--configfile", str(configfile), "--dry-run", "--printshellcmds", "--forceall",
          "--cores", "1", "--workflow-profile", "none"],
-        cwd=work, env=tool_env(), capture_output=True, text=True, timeout=300,
+        cwd=work, env=tool_env(), capture_output=True, text=True, timeout=300, check=False,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -162,7 +162,7 @@ def test_hostile_config_values_never_reach_the_shell_unquoted(tmp_path):
     for i, (rule, command, log) in enumerate(jobs):
         if log:
             (work / log).parent.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run(["bash", "-c", command], cwd=work, env=env, timeout=30,
+        proc = subprocess.run(["bash", "-c", command], cwd=work, env=env, timeout=30, check=False,
                               capture_output=True, text=True)
         leaked = [*work.rglob("PWNED*"), *tmp_path.glob("PWNED*")]
         assert not leaked, f"{rule}: a config value ran a command ({leaked}): {command}"
