@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from _workflow import SNAKEFILE, tool_env
 
 
