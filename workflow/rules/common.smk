@@ -93,10 +93,11 @@ def movie_source(wildcards):
 
 
 def final_outputs():
-    """The targets of `rule all`: every declared output of every rule, for every movie (and
-    model scope) it applies to, so that a missing output (a store deleted, a killed
-    --forcerun) is always rebuilt rather than reported up to date because the files
-    downstream of it are still there. Called after every rule is defined."""
+    """The targets of the `all` rule (the default target), which are every declared output
+    of every stage, for every movie (and model scope) it applies to, so that a missing
+    output (a store deleted, a killed --forcerun) is always rebuilt rather than reported up
+    to date because the files downstream of it are still there. Called after every rule is
+    defined."""
     from itertools import product
 
     from snakemake.io import apply_wildcards, get_wildcard_names, regex_from_filepattern
@@ -105,14 +106,14 @@ def final_outputs():
     # Rules whose movie wildcard is not constrained to the movies they apply to.
     applies_to = {"simulate": SIMULATED}
     outputs = []
-    for rule in workflow.rules:
-        if rule.name == "all":
+    for stage in workflow.rules:
+        if stage.name == "all":
             continue
-        for pattern in map(str, rule.output):
+        for pattern in map(str, stage.output):
             names = sorted(get_wildcard_names(pattern))
             if not set(names) <= set(values):
                 continue  # a wildcard whose values only the rule itself knows
-            choices = [applies_to.get(rule.name, values[n]) if n == "movie" else values[n] for n in names]
+            choices = [applies_to.get(stage.name, values[n]) if n == "movie" else values[n] for n in names]
             regex = re.compile(regex_from_filepattern(pattern))
             for combo in product(*choices):
                 path = apply_wildcards(pattern, dict(zip(names, combo)))
