@@ -1,14 +1,36 @@
 # Shared helpers: config validation (before any rule runs), per-stage settings, paths.
+import copy
 import json
 import os
 import shlex
 import sys
 
-from rvae_tools.config import movie_entry, stage_settings, validate_config
+from rvae_tools.config import check_config, movie_entry, read_config_file, stage_settings, validate_config
 from rvae_tools.errors import InputError
 
+
+def _checked_config():
+    """Validate the config before any rule runs; errors name the file that holds the key.
+
+    Each config file is read strictly (empty file, duplicate key, YAML line and column) and
+    validated on its own, then the merged config. Movies listed in a file given on the
+    command line (--configfile) replace the workflow's default list instead of being merged
+    into it: a user's config is the user's, the demo is not added to it."""
+    user = workflow.config_settings.overwrite_config or {}
+    for path in workflow.configfiles:
+        validate_config(read_config_file(path), source=str(path))
+    if "movies" in user:
+        config["movies"] = copy.deepcopy(user["movies"])
+    source = " + ".join(map(str, workflow.configfiles)) or "config"
+    validate_config(config, source=source)
+    if workflow.is_main_process:
+        # The movies' headers and, for local jobs, the device (a cluster's submit host
+        # may have no GPU while its compute nodes do).
+        check_config(config, source=source, device=workflow.local_exec)
+
+
 try:
-    validate_config(config, source="config")
+    _checked_config()
 except InputError as _error:
     sys.exit(f"rvae-tools: invalid configuration: {_error}")
 
