@@ -50,6 +50,7 @@ says ``transition_detected: False`` with ``transition_frame`` and its interval N
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -585,8 +586,17 @@ class Signal:
     def n_units(self) -> int:
         return self.total.shape[0]
 
+    debias: bool = False  #: fit |<u>| without its noise floor: sqrt(max(0, |sum u|^2 - count)) per species
+
     def _combine(self, total: np.ndarray, count: np.ndarray) -> np.ndarray:
-        num = np.abs(total).sum(axis=-2) if self.kind == "resultant" else np.real(total).sum(axis=-2)
+        if self.kind == "resultant" and self.debias:
+            # N random phasors have |sum|^2 = N on average: the floor sqrt(pi / 4N) of |<u>|
+            # hides the start of an ordering and drags a fitted step late.
+            num = np.sqrt(np.maximum(np.abs(total) ** 2 - count, 0.0)).sum(axis=-2)
+        elif self.kind == "resultant":
+            num = np.abs(total).sum(axis=-2)
+        else:
+            num = np.real(total).sum(axis=-2)
         den = count.sum(axis=-2)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(den > 0, num / np.maximum(den, 1), np.nan)
@@ -732,6 +742,8 @@ def estimate_transition(
     """
     rng = rng or np.random.default_rng(0)
     frames = np.asarray(frames, dtype=float)
+    if signal.kind == "resultant":
+        signal = dataclasses.replace(signal, debias=True)
     y = signal.series()
     out: dict[str, Any] = {"signal": signal.name, "model": model, "frame": math.nan, "low": math.nan,
                            "high": math.nan, "width": math.nan, "saturation": math.nan, "level_before": math.nan,
@@ -789,7 +801,10 @@ def estimate_transition(
         out["n_boot"] = len(t_boot)
         if len(t_boot) >= 10:
             a = (1 - confidence) / 2
-            lo, hi = fit.t_c + np.quantile(t_boot - ref_tc, [a, 1 - a])
+            # Basic (reflected) bootstrap interval: a resample's bias relative to the data mirrors
+            # the estimate's bias relative to the truth (for instance the noise floor of |<u>|,
+            # which duplicated trajectories raise), so the quantiles are reflected about it.
+            lo, hi = fit.t_c - np.quantile(t_boot - ref_tc, [1 - a, a])
             # One sample per frame cannot resolve an interval narrower than the sampling.
             out["low"] = float(min(lo, fit.t_c - 0.5))
             out["high"] = float(max(hi, fit.t_c + 0.5))
