@@ -30,7 +30,7 @@ HOSTILE = "x $(touch PWNED1) `touch PWNED2` ; touch PWNED3 && touch PWNED4 | tee
 
 RECORDER = """#!/bin/sh
 # stands in for rvae-tools: records its arguments, NUL-separated, one file per call
-n=$(ls "$RECORD_DIR" | wc -l)
+n=$(printf '%04d' "$(ls "$RECORD_DIR" | wc -l)")
 printf '%s\\0' "$@" > "$RECORD_DIR/call-$n"
 """
 

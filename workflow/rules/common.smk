@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -92,11 +93,32 @@ def movie_source(wildcards):
 
 
 def final_outputs():
-    """The targets of `rule all`, for every movie. Its dynamics and every figure pull in
-    every earlier stage. (FIGURES comes from dynamics.smk, included before `rule all`.)"""
-    outputs = expand(f"{RESULTS}/{{movie}}/dynamics.zarr", movie=MOVIES)
-    stems = [stem for stage_stems in FIGURES.values() for stem in stage_stems]
-    outputs += expand(f"{RESULTS}/{{movie}}/figures/{{stem}}.png", movie=MOVIES, stem=stems)
+    """The targets of the `all` rule (the default target), which are every declared output
+    of every stage, for every movie (and model scope) it applies to, so that a missing
+    output (a store deleted, a killed --forcerun) is always rebuilt rather than reported up
+    to date because the files downstream of it are still there. Called after every rule is
+    defined."""
+    from itertools import product
+
+    from snakemake.io import apply_wildcards, get_wildcard_names, regex_from_filepattern
+
+    values = {"movie": MOVIES, "scope": ["pooled"] if _rvae_pooled() else MOVIES}
+    # Rules whose movie wildcard is not constrained to the movies they apply to.
+    applies_to = {"simulate": SIMULATED}
+    outputs = []
+    for stage in workflow.rules:
+        if stage.name == "all":
+            continue
+        for pattern in map(str, stage.output):
+            names = sorted(get_wildcard_names(pattern))
+            if not set(names) <= set(values):
+                continue  # a wildcard whose values only the rule itself knows
+            choices = [applies_to.get(stage.name, values[n]) if n == "movie" else values[n] for n in names]
+            regex = re.compile(regex_from_filepattern(pattern))
+            for combo in product(*choices):
+                path = apply_wildcards(pattern, dict(zip(names, combo)))
+                if regex.fullmatch(path):  # the rule's wildcard constraints: its movies only
+                    outputs.append(path)
     return outputs
 
 
