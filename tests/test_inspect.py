@@ -130,8 +130,9 @@ def test_inspect_cli_writes_json_figure_and_prints_config(tmp_path, capsys):
     assert data["polarity"] == "bright" and data["pixel_size"] == 1.5 and fig.stat().st_size > 0
     assert any("windows.size: 8 px is smaller" in d for d in data["decisions"])
     # The stage CLIs read it: the window size left at auto follows the inspection.
-    from rvae_tools.config import add_settings_arguments, settings_from_args
     import argparse
+
+    from rvae_tools.config import add_settings_arguments, settings_from_args
 
     parser = argparse.ArgumentParser()
     add_settings_arguments(parser, "windows")

@@ -30,4 +30,4 @@ rule windows:
         "../envs/windows.yaml"
     shell:
         "rvae-tools windows {input.movie:q} {input.tracks:q} -o {output:q} {params.probability}"
-        " --settings {params.settings:q} {params.inspect} > {log} 2>&1"
+        " --settings {params.settings:q} {params.inspect} > {log:q} 2>&1"
