@@ -303,7 +303,7 @@ def _store_cases() -> list[Case]:
             return argv, [*expect], out
         return make
 
-    det = lambda r, fx: pd.read_parquet(fx["detections"])  # noqa: E731
+    det = lambda r, fx: pd.read_parquet(fx["detections"])
     cases = [
         ("store: segment on a missing store", seg(lambda r, fx: r / "none.zarr", "none.zarr", "not found")),
         ("store: segment on a store without image", seg(lambda r, fx: _zarr(r, "noimage.zarr", xr.Dataset({"other": ("a", np.zeros(3))})), "noimage.zarr", "image")),
