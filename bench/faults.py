@@ -37,8 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import _faults  # noqa: E402
-import _workflow  # noqa: E402
+import _faults
+import _workflow
 
 LEFTOVER = re.compile(r"^\..+\.(?:tmp|old)-\d+-[0-9a-f]+$")
 
