@@ -55,7 +55,7 @@ def bad_inputs(root: Path) -> dict:
         outcome = _faults.run_case(case, root / "cases", fixtures)
         outcomes.append((case, outcome))
         mark = "ok " if outcome.verdict == "clear" else "BAD"
-        print(f"  {mark} {outcome.verdict:9s} {case.name}" + (f"  [{outcome.detail}]" if outcome.detail else ""))
+        print(f"  {mark} {outcome.verdict:9s} {case.name}" + (f"  [{outcome.detail}]" if outcome.detail else ""), flush=True)
     verdicts = Counter(outcome.verdict for _, outcome in outcomes)
     failing = [
         {"case": case.name, "verdict": outcome.verdict, "detail": outcome.detail, "owner": case.owner}
@@ -127,12 +127,13 @@ def _wait_started(logs: Path, since: float, proc: subprocess.Popen, timeout: flo
 
 def kills(root: Path, per_stage: int, seed: int, only: list[str] | None = None) -> dict:
     rng = random.Random(seed)
-    configfile = _workflow.write_config(root / "config.yaml")
+    # The CPU, so that reruns are bit-identical (GPU kernels need not be).
+    configfile = _workflow.write_config(root / "config.yaml", {"device": "cpu"})
     env = _workflow.tool_env()
     ref = root / "reference"
     start = time.perf_counter()
     _workflow.run_snakemake(ref, configfile, "--cores", "2", "--workflow-profile", "none", timeout=3600)
-    print(f"  reference run: {time.perf_counter() - start:.0f} s")
+    print(f"  reference run: {time.perf_counter() - start:.0f} s", flush=True)
     durations = _stage_durations(ref / "results")
     order = ["simulate", "ingest", "inspect", "train_segmenter", "segment", "track", "windows", "train", "encode",
              "dynamics", "figures"]
@@ -172,7 +173,7 @@ def kills(root: Path, per_stage: int, seed: int, only: list[str] | None = None) 
             trials.append(trial)
             print(f"  kill {stage:16s} at {fraction:4.2f} of {durations[stage]:5.1f} s: "
                   f"{'killed' if mid_stage else 'finished first'}, rerun "
-                  f"{'identical' if identical else 'DIFFERENT: ' + why}, leftovers {len(leftovers)}")
+                  f"{'identical' if identical else 'DIFFERENT: ' + why}, leftovers {len(leftovers)}", flush=True)
     return {
         "stages": stages,
         "trials": len(trials),
