@@ -34,7 +34,8 @@ of the sampled window pixels (the background of all but the densest movies), rec
 ``mask_fill``; the semi-axes of every window are stored as ``aperture_a``/``aperture_b``.
 
 **Edges.** With ``edge: pad`` (the default) a detection near the frame edge keeps its window,
-the missing pixels set to the background level; the share of each window's pixels that lies
+the missing pixels set to the background level (the low percentile, or ``mask_fill`` with the
+aperture); the share of each window's pixels that lies
 outside the frame is stored as ``padded_fraction`` (0 for whole windows). ``edge: drop``
 discards such windows instead.
 
@@ -458,6 +459,10 @@ def make_windows(
         )
     mask = "aperture" if axes is not None else "none"
     fill = median if mask == "aperture" else pad_value
+    if mask == "aperture":
+        # The median is the background whether particles are bright or dark; the low
+        # percentile would pad a dark-on-bright movie with particle-coloured pixels.
+        pad_value = fill
     frac_all = padded_fraction(x_all, y_all, size, (height, width))
 
     carried = [c for c in CARRIED_COLUMNS if c in tracks.columns]
