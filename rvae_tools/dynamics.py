@@ -278,21 +278,18 @@ def pair_correlation(xy: np.ndarray, r_edges: np.ndarray, box: tuple[float, floa
         return np.full(len(r_edges) - 1, np.nan)
     area = (box[1] - box[0]) * (box[3] - box[2])
     tree = spatial.cKDTree(xy)
-    pairs = tree.query_pairs(r_edges[-1], output_type="ndarray")
+    # Ordered pairs (both directions, self pairs at r = 0 cancel in the difference) per shell,
+    # counted by the tree without listing the pairs: memory stays O(N) for any r_max.
+    counts = np.diff(tree.count_neighbors(tree, np.asarray(r_edges, dtype=float))).astype(float)
     centres = 0.5 * (r_edges[1:] + r_edges[:-1])
-    frac = _circle_fraction_inside(xy, centres, box)
-    counts = np.zeros((n, len(centres)))
-    if len(pairs):
-        d = np.linalg.norm(xy[pairs[:, 0]] - xy[pairs[:, 1]], axis=1)
-        b = np.searchsorted(r_edges, d, side="right") - 1
-        ok = (b >= 0) & (b < len(centres))
-        np.add.at(counts, (pairs[ok, 0], b[ok]), 1)
-        np.add.at(counts, (pairs[ok, 1], b[ok]), 1)
+    frac = np.zeros(len(centres))
+    for lo in range(0, n, 128):
+        frac += _circle_fraction_inside(xy[lo:lo + 128], centres, box).sum(axis=0)
     shell = np.pi * (r_edges[1:] ** 2 - r_edges[:-1] ** 2)
     density = (n - 1) / area
-    expected = (frac * shell * density).sum(axis=0)
+    expected = frac * shell * density
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(expected > 0, counts.sum(axis=0) / expected, np.nan)
+        return np.where(expected > 0, counts / expected, np.nan)
 
 
 # --------------------------------------------------------------------------- transition
@@ -804,7 +801,14 @@ def estimate_transition(
             # Basic (reflected) bootstrap interval: a resample's bias relative to the data mirrors
             # the estimate's bias relative to the truth (for instance the noise floor of |<u>|,
             # which duplicated trajectories raise), so the quantiles are reflected about it.
-            lo, hi = fit.t_c - np.quantile(t_boot - ref_tc, [1 - a, a])
+            # Resampling G units with replacement gives a spread (G-1)/G of the true variance and
+            # normal rather than Student-t tails: with the 16 tiles of the default that narrows the
+            # interval by about 11 %, so the deviations are scaled back (factor -> 1 for large G).
+            from scipy import stats
+
+            g = signal.n_units
+            factor = math.sqrt(g / (g - 1)) * stats.t.ppf(1 - a, g - 1) / stats.norm.ppf(1 - a) if g > 2 else 1.0
+            lo, hi = fit.t_c - factor * np.quantile(t_boot - ref_tc, [1 - a, a])
             # One sample per frame cannot resolve an interval narrower than the sampling.
             out["low"] = float(min(lo, fit.t_c - 0.5))
             out["high"] = float(max(hi, fit.t_c + 0.5))
