@@ -6,11 +6,10 @@ with a posterior spread. The windows are a flat list of observations (``obs``) t
 ``(particle, frame, latent)``), with NaN where a particle is absent, so a notebook can follow
 one trajectory with ``ds.sel(particle=p)`` or average over particles per frame.
 
-The windows are read and encoded frame block by frame block, and each block of the grid
-(every particle over up to 1024 frames, fewer when there are many particles) is appended to
-the store as soon as it is encoded, so neither the input nor the output has to fit in memory.
-The store is written at a temporary path and renamed when complete, so killing the command
-leaves no store behind.
+The windows are read and encoded in blocks of the store's chunk length, so the input never
+has to fit in memory; the output grid is held in memory (float32: about
+``4 * (8 + 2 k) * particles * frames`` bytes) and written atomically at the end, so killing
+the command leaves no store behind.
 """
 
 from __future__ import annotations
@@ -26,9 +25,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .calibration import lab_frame
 from .config import add_settings_arguments, settings_from_args
 from .errors import InputError
-from .io import atomic_output, json_safe_attrs, open_zarr
+from .io import open_zarr, write_zarr
 from .provenance import provenance_attrs
 from .rvae.uncertainty import apply_calibration, fit_calibration
 
@@ -36,13 +36,13 @@ log = logging.getLogger(__name__)
 
 #: Per-window outputs of ``RVAE.encode`` on dims (particle, frame), with their units.
 SCALARS = {
-    "angle": ("rad", "encoded rotation angle of the window"),
-    "angle_sd": ("rad", "posterior spread of the angle within its half-circle (rotation posterior + likelihood curvature)"),
+    "angle": ("rad", "encoded rotation angle of the window (mapped to the lab frame by calibration.lab_frame)"),
+    "angle_sd": ("rad", "spread of the angle within its half-circle (calibrated; see attrs uncertainty)"),
     "flip_prob": ("1", "posterior probability that the particle points the other way (angle + pi); 0.5 = its ends look alike"),
     "dx": ("px", "encoded shift along x (columns)"),
     "dy": ("px", "encoded shift along y (rows)"),
-    "dx_sd": ("px", "spread of dx (likelihood curvature at the encoded pose)"),
-    "dy_sd": ("px", "spread of dy (likelihood curvature at the encoded pose)"),
+    "dx_sd": ("px", "spread of dx (calibrated; see attrs uncertainty)"),
+    "dy_sd": ("px", "spread of dy (calibrated; see attrs uncertainty)"),
 }
 #: Per-window outputs on dims (particle, frame, latent).
 VECTORS = {
@@ -52,8 +52,6 @@ VECTORS = {
 PATCH_COORDS = ("particle", "frame", "x", "y")
 #: Windows read from the store at once when its chunks are not known.
 DEFAULT_BLOCK = 4096
-#: (particle x frame) cells of the output grid held in memory at once (about 50 MB at k = 2).
-GRID_CELLS = 1 << 20
 
 
 def _window_shape(size: Any) -> tuple[int, int]:
@@ -175,69 +173,118 @@ def encode_patches(
     if np.unique(flat).size != n_obs:
         raise InputError(f"{patches_path}: some (particle, frame) pairs have more than one window")
 
+    shape = (particles.size, frames.size)
+    grids = {name: np.full(shape, np.nan, dtype=np.float32) for name in SCALARS}
+    grids.update({name: np.full((*shape, k), np.nan, dtype=np.float32) for name in VECTORS})
+    extra: dict[str, np.ndarray] = {}
+    for name in ("x", "y"):
+        grids[name] = np.full(shape, np.nan, dtype=np.float64)
+        grids[name][pi, fi] = patches[name].values
+
     method = (settings or {}).get("encode_method")
-    chunks = window.encoding.get("chunks") or (DEFAULT_BLOCK,)
-    read_block = max(int(chunks[0]), batch_size or 0)
-    frame_block = int(min(1024, max(1, GRID_CELLS // max(particles.size, 1)), frames.size))
-    attrs, coords = _store_metadata(patches, patches_path, model, model_path, particle, particles, frames, pi,
-                                    n_obs, k, method)
     model_config = getattr(model, "config", {}) or {}
     seed = (settings or {}).get("seed")
     if seed is None:
         seed = model_config.get("seed", patches.attrs.get("seed", 0))
-    provenance = provenance_attrs(
-        settings=settings if settings is not None else model_config, seed=seed,
-        model_checksum=getattr(model, "checksum", None), stage="encode",
-        inputs={"patches": str(patches_path), "model": str(model_path)},
-    )
     calibration = _fit_calibration(model, window, patches_path, particle, frame, settings, seed,
                                    batch_size=batch_size, device=device, method=method)
-    if calibration:
-        attrs["spread_calibration"] = json.dumps(calibration, sort_keys=True)
-    # Windows in frame order, so that each block of frames is a block of the store's windows.
-    order = np.argsort(fi, kind="stable")
-    bounds = np.searchsorted(fi[order], np.arange(0, frames.size + frame_block, frame_block))
-    found: set[str] = set()
-    extras: list[str] = []
-    centres = {name: patches[name].values for name in ("x", "y")}
+    chunks = window.encoding.get("chunks") or (DEFAULT_BLOCK,)
+    block = max(int(chunks[0]), batch_size or 0)
     bar = tqdm(total=n_obs, unit="win", desc="encode", file=sys.stderr, disable=not progress,
                mininterval=1.0 if sys.stderr.isatty() else 15.0)
-    with bar, atomic_output(output) as tmp:
-        for b, f0 in enumerate(range(0, frames.size, frame_block)):
-            f1 = min(f0 + frame_block, frames.size)
-            obs = np.sort(order[bounds[b]:bounds[b + 1]])
-            grids = _empty_grids(particles.size, f1 - f0, k, extras)
-            for start in range(0, obs.size, read_block):
-                sel = obs[start:start + read_block]
-                wins = _read_windows(window, sel, patches_path, particle, frame)
-                out = _encode_windows(model, wins, batch_size=batch_size, device=device, method=method)
-                out = apply_calibration(out, calibration)
-                rows, cols = pi[sel], fi[sel] - f0
-                for name, value in out.items():
-                    value = np.asarray(value)
-                    if name not in grids and value.ndim == 1 and value.shape[0] == sel.size:
-                        # Extras of the model (e.g. class probabilities) are kept under their own names.
-                        grids[name] = np.full((particles.size, f1 - f0), np.nan, dtype=np.float32)
-                        extras.append(name)
-                    if name in grids:
-                        grids[name][rows, cols] = value
-                        if np.isfinite(value).any():
-                            found.add(name)
-                for name in ("x", "y"):
-                    grids[name][rows, cols] = centres[name][sel]
-                bar.update(sel.size)
-            block = _dataset(grids, coords, frames[f0:f1], patches.attrs.get("frame_interval"), k)
-            _append(block, tmp, first=b == 0, attrs={**attrs, **provenance}, frame_chunk=frame_block)
-            log.info("encode: frames %d-%d of %d written (%d windows)", f0 + 1, f1, frames.size, obs.size)
+    with bar:
+        for start in range(0, n_obs, block):
+            stop = min(start + block, n_obs)
+            wins = _read_windows(window, np.arange(start, stop), patches_path, particle, frame)
+            out = _encode_windows(model, wins, batch_size=batch_size, device=device, method=method)
+            out = apply_calibration(out, calibration)
+            rows, cols = pi[start:stop], fi[start:stop]
+            for name, value in out.items():
+                value = np.asarray(value)
+                if name in grids:
+                    grids[name][rows, cols] = value
+                elif name == "cls_prob":
+                    extra.setdefault(name, np.full((*shape, value.shape[1]), np.nan, dtype=np.float32))[rows, cols] = value
+                elif value.ndim == 1 and value.shape[0] == stop - start:
+                    # Extras of the model (e.g. class probabilities) are kept under their own names.
+                    extra.setdefault(name, np.full(shape, np.nan, dtype=np.float32))[rows, cols] = value
+            bar.update(stop - start)
 
-    missing = [name for name in (*SCALARS, *VECTORS) if name not in found]
+    missing = [name for name in (*SCALARS, *VECTORS) if grids[name].size and np.isnan(grids[name]).all()]
     if missing:
         # A baseline without pose latents has no angle or shifts: they stay NaN rather than 0,
         # so nobody mistakes them for measured orientations.
         log.warning("%s: the model gives no %s; stored as NaN", model_path, ", ".join(missing))
+
+    dims2, dims3 = ("particle", "frame"), ("particle", "frame", "latent")
+    data_vars: dict[str, Any] = {}
+    for name, (unit, text) in SCALARS.items():
+        data_vars[name] = (dims2, grids[name], {"units": unit, "description": text})
+    for name, (unit, text) in VECTORS.items():
+        data_vars[name] = (dims3, grids[name], {"units": unit, "description": text})
+    data_vars["x"] = (dims2, grids["x"], {"units": "px", "description": "window centre (detection), column"})
+    data_vars["y"] = (dims2, grids["y"], {"units": "px", "description": "window centre (detection), row"})
+    for name, value in extra.items():
+        if name != "cls_prob":  # laid out with the classes below
+            data_vars[name] = (dims2, value, {"description": f"{name} from the model's encoder"})
+
+    coords: dict[str, Any] = {
+        "particle": ("particle", particles, {"description": "trajectory id"}),
+        "frame": ("frame", frames, {"description": "frame number"}),
+        "latent": ("latent", np.arange(k), {"description": "index of the content latent z"}),
+        "track_length": ("particle", np.bincount(pi, minlength=particles.size).astype(np.int64),
+                         {"description": "number of frames with a window"}),
+    }
+    frame_interval = patches.attrs.get("frame_interval")
+    if _known(frame_interval):
+        coords["time"] = ("frame", frames * float(frame_interval), {"units": "s"})
+    if "cls" in patches.variables:
+        majority = majority_class(particle, patches["cls"].values)
+        cls = majority.reindex(particles).to_numpy()
+        if cls.dtype == object:
+            cls = np.array(["" if pd.isna(c) else str(c) for c in cls], dtype=object)
+        coords["cls"] = ("particle", cls, {"description": "majority class along the trajectory"})
+    if "cls_prob" in extra:
+        from .classify import class_variables
+
+        # The model's classes replace a class carried over from the tracks (kept as cls_input).
+        if "cls" in coords:
+            coords["cls_input"] = coords.pop("cls")
+        class_vars, class_coords = class_variables(extra.pop("cls_prob"), list(model.class_names))
+        data_vars.update(class_vars)
+        coords.update(class_coords)
+
+    attrs: dict[str, Any] = {
+        key: patches.attrs[key] for key in ("pixel_size", "pixel_unit", "frame_interval") if key in patches.attrs
+    }
+    attrs.update({
+        "window_size": int(window.shape[1]),
+        "latent_dim": k,
+        "n_windows": n_obs,
+        "model_path": str(model_path),
+        "model_config": json.dumps(model_config, sort_keys=True, default=str),
+        "encode_method": method or model_config.get("encode_method", "exact"),
+        "uncertainty": ("angle_sd, dx_sd, dy_sd: the model's spread (rotation posterior within the angle's "
+                        "half-circle plus the likelihood's curvature at the encoded pose) calibrated as "
+                        "sqrt((scale sd)^2 + floor^2), fitted on a sample of these windows rotated and moved "
+                        "by known amounts (spread_calibration; rvae_tools.rvae.uncertainty); flip_prob: "
+                        "posterior mass of the other half-circle; z_sd: the encoder's variational spread"),
+        "patches_config_hash": patches.attrs.get("config_hash", ""),
+        "movie_sha256": patches.attrs.get("movie_sha256", ""),
+    })
+    if calibration:
+        attrs["spread_calibration"] = json.dumps(calibration, sort_keys=True)
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    ds = lab_frame(ds, model, settings, patches=patches, index=(pi, fi))
+    encoding = {name: {"chunks": _chunks(ds[name].shape)} for name in ds.data_vars}
+    write_zarr(ds, output, encoding=encoding, provenance=provenance_attrs(
+        settings=settings if settings is not None else model_config, seed=seed,
+        model_checksum=getattr(model, "checksum", None), stage="encode",
+        inputs={"patches": str(patches_path), "model": str(model_path)},
+    ))
     log.info("%s: %d windows of %d particles over %d frames encoded (latent size %d)",
              output, n_obs, particles.size, frames.size, k)
-    return open_zarr(output)
+    return ds
 
 
 def _fit_calibration(model, window, patches_path, particle, frame, settings, seed, **encode_kwargs):
@@ -284,93 +331,9 @@ def _read_windows(window: xr.DataArray, sel: np.ndarray, patches_path: Path, par
     return wins
 
 
-def _empty_grids(n_particles: int, n_frames: int, k: int, extras: list[str]) -> dict[str, np.ndarray]:
-    shape = (n_particles, n_frames)
-    grids = {name: np.full(shape, np.nan, dtype=np.float32) for name in (*SCALARS, *extras)}
-    grids.update({name: np.full((*shape, k), np.nan, dtype=np.float32) for name in VECTORS})
-    grids.update({name: np.full(shape, np.nan, dtype=np.float64) for name in ("x", "y")})
-    return grids
-
-
-def _dataset(grids: dict[str, np.ndarray], coords: dict[str, Any], frames: np.ndarray, frame_interval: Any,
-             k: int) -> xr.Dataset:
-    """One frame block of the latents store."""
-    dims2, dims3 = ("particle", "frame"), ("particle", "frame", "latent")
-    data_vars: dict[str, Any] = {}
-    for name, (unit, text) in SCALARS.items():
-        data_vars[name] = (dims2, grids[name], {"units": unit, "description": text})
-    for name, (unit, text) in VECTORS.items():
-        data_vars[name] = (dims3, grids[name], {"units": unit, "description": text})
-    data_vars["x"] = (dims2, grids["x"], {"units": "px", "description": "window centre (detection), column"})
-    data_vars["y"] = (dims2, grids["y"], {"units": "px", "description": "window centre (detection), row"})
-    for name, value in grids.items():
-        if name not in data_vars:
-            data_vars[name] = (dims2, value, {"description": f"{name} from the model's encoder"})
-    block_coords = {**coords, "frame": ("frame", frames, {"description": "frame number"})}
-    if _known(frame_interval):
-        block_coords["time"] = ("frame", frames * float(frame_interval), {"units": "s"})
-    return xr.Dataset(data_vars, coords=block_coords)
-
-
-def _append(block: xr.Dataset, store: Path, *, first: bool, attrs: dict[str, Any], frame_chunk: int) -> None:
-    """Write the first frame block of the store (with every attribute), or append a later one along frame."""
-    import warnings
-
-    for name in block.variables:
-        block[name].attrs = json_safe_attrs(dict(block[name].attrs))
-    with warnings.catch_warnings():
-        # zarr 3 warns that consolidated metadata is not in the v3 spec; it makes opening one request.
-        warnings.simplefilter("ignore", category=UserWarning)
-        # Appending rewrites the store's attributes too, so every block carries them.
-        block.attrs = json_safe_attrs(attrs)
-        if first:
-            encoding = {name: {"chunks": _chunks(block[name].shape, frame_chunk)} for name in block.data_vars}
-            block.to_zarr(store, mode="w", encoding=encoding, consolidated=True)
-        else:
-            # Variables without a frame axis are already in the store.
-            block = block.drop_vars([n for n in block.variables if "frame" not in block[n].dims])
-            block.to_zarr(store, append_dim="frame", consolidated=True)
-
-
-def _store_metadata(patches, patches_path, model, model_path, particle, particles, frames, pi, n_obs, k, method):
-    """The store's attributes and its coordinates without a frame axis."""
-    coords: dict[str, Any] = {
-        "particle": ("particle", particles, {"description": "trajectory id"}),
-        "latent": ("latent", np.arange(k), {"description": "index of the content latent z"}),
-        "track_length": ("particle", np.bincount(pi, minlength=particles.size).astype(np.int64),
-                         {"description": "number of frames with a window"}),
-    }
-    if "cls" in patches.variables:
-        majority = majority_class(particle, patches["cls"].values)
-        cls = majority.reindex(particles).to_numpy()
-        if cls.dtype == object:
-            cls = np.array(["" if pd.isna(c) else str(c) for c in cls], dtype=object)
-        coords["cls"] = ("particle", cls, {"description": "majority class along the trajectory"})
-    model_config = getattr(model, "config", {}) or {}
-    attrs: dict[str, Any] = {
-        key: patches.attrs[key] for key in ("pixel_size", "pixel_unit", "frame_interval") if key in patches.attrs
-    }
-    attrs.update({
-        "window_size": int(patches["window"].shape[1]),
-        "latent_dim": k,
-        "n_windows": n_obs,
-        "model_path": str(model_path),
-        "model_config": json.dumps(model_config, sort_keys=True, default=str),
-        "encode_method": method or model_config.get("encode_method", "exact"),
-        "uncertainty": ("angle_sd, dx_sd, dy_sd: the model's spread (rotation posterior within the angle's "
-                        "half-circle plus the likelihood's curvature at the encoded pose) calibrated as "
-                        "sqrt((scale sd)^2 + floor^2), fitted on a sample of these windows rotated and moved "
-                        "by known amounts (spread_calibration; rvae_tools.rvae.uncertainty); flip_prob: "
-                        "posterior mass of the other half-circle; z_sd: the encoder's variational spread"),
-        "patches_config_hash": patches.attrs.get("config_hash", ""),
-        "movie_sha256": patches.attrs.get("movie_sha256", ""),
-    })
-    return attrs, coords
-
-
-def _chunks(shape: tuple[int, ...], frame_chunk: int = 1024) -> tuple[int, ...]:
-    """Chunks of whole trajectories (up to 256 particles) over the frames of one written block."""
-    caps = (256, frame_chunk, 64)
+def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Chunks of whole trajectories (up to 256 particles) over up to 1024 frames."""
+    caps = (256, 1024, 64)
     return tuple(max(1, min(s, c)) for s, c in zip(shape, caps))
 
 

@@ -94,11 +94,18 @@ def test_latents_follow_the_contract(movie_dir, tmp_path):
     patches = xr.open_zarr(movie_dir / "patches.zarr")
     direct = RVAE.load(model_path).encode(patches.window.values, device="cpu")
     p, f = patches.particle.values, patches.frame.values
-    got = ds.angle.values[p, f]
+    got = ds.angle_raw.values[p, f]
     assert np.allclose(got, direct["angle"], atol=1e-5)
     assert np.allclose(ds.z.values[p, f], direct["z"], atol=1e-5)
 
     assert ds.cls.sel(particle=1).item() == "tadpole" and ds.cls.sel(particle=0).item() == "rod"
+    # species from the two classes, each with a symmetry order and an angle calibration
+    species = json.loads(ds.attrs["species"])
+    assert [s["cls"] for s in species] == ["rod", "tadpole"] and ds.attrs["species_source"] == "cls"
+    assert ds.species.sel(particle=1).item() == 1 and ds.species.sel(particle=0).item() == 0
+    assert len(ds.attrs["species_symmetry"]) == 2 and all(n >= 0 for n in ds.attrs["species_symmetry"])
+    assert len(ds.attrs["angle_offset"]) == len(ds.attrs["angle_sense"]) == len(ds.attrs["angle_residual"]) == 2
+    assert "towards +y" in ds.angle.attrs["convention"] and ds.angle_raw.attrs["units"] == "rad"
     assert ds.track_length.values.tolist() == [10, 10, 8, 5]
     assert ds.attrs["model_checksum"] == file_sha256(model_path)
     assert ds.attrs["pixel_size"] == 2.0 and ds.attrs["pixel_unit"] == "nm" and ds.attrs["frame_interval"] == 0.5
@@ -180,28 +187,6 @@ def test_nan_windows_are_an_error_naming_the_file_and_observations(movie_dir, tm
     with pytest.raises(InputError, match=rf"nan_patches.zarr: .*NaN.* obs 5 \(particle {p}, frame {f}\)"):
         encode_patches(bad, model_path, tmp_path / "latents.zarr", progress=False)
     assert not (tmp_path / "latents.zarr").exists()
-
-
-def test_latents_are_written_frame_block_by_frame_block(movie_dir, tmp_path, monkeypatch):
-    import rvae_tools.encode as encode_module
-
-    movie_dir, _, model_path = movie_dir
-    whole = encode_patches(movie_dir / "patches.zarr", model_path, tmp_path / "one.zarr", progress=False).load()
-    # 4 particles: 12 cells hold 3 frames, so 10 frames are written in 4 blocks.
-    monkeypatch.setattr(encode_module, "GRID_CELLS", 12)
-    blocks = encode_patches(movie_dir / "patches.zarr", model_path, tmp_path / "blocks.zarr", progress=False)
-    assert blocks.angle.encoding["chunks"][1] == 3
-    blocks = blocks.load()
-    assert blocks.sizes == whole.sizes
-    for name in whole.variables:
-        a, b = whole[name].values, blocks[name].values
-        if a.dtype.kind == "f":
-            # Other batch compositions: equal up to float rounding.
-            assert np.allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True), name
-        else:
-            assert np.array_equal(a, b), name
-    assert blocks.attrs["n_windows"] == whole.attrs["n_windows"] and blocks.attrs["encode_method"] == "exact"
-    assert set(blocks.flip_prob.attrs) >= {"units", "description"}
 
 
 def test_majority_class_breaks_ties_by_smallest():

@@ -191,6 +191,25 @@ def test_probability_map_and_tiling_agree(tiny_model):
     assert abs(len(whole) - len(tiled)) <= 0.1 * len(whole)
 
 
+def test_streamed_probability_store_equals_the_in_memory_map(tiny_model, tmp_path):
+    from rvae_tools.io import open_zarr
+    from rvae_tools.segment.store import ProbabilityStore
+
+    settings, model, config, _ = tiny_model
+    images, _, _ = _held_out()
+    images = np.concatenate([images, images[:1]])  # 5 frames: two full chunks of 2 and a partial one
+    _, whole = segment_movie(images, settings, model=model, model_config=config, keep_probability=True)
+    with ProbabilityStore(tmp_path / "p.zarr", {"pixel_size": 1.0}, chunk_frames=2) as store:
+        segment_movie(images, settings, model=model, model_config=config, probability_sink=store)
+        assert store.frames_written == 4  # only one chunk's frames wait in memory
+    streamed = open_zarr(tmp_path / "p.zarr", required=["probability"])["probability"].values
+    np.testing.assert_allclose(streamed, whole, atol=1e-6)
+    with pytest.raises(RuntimeError, match="boom"), ProbabilityStore(tmp_path / "q.zarr", {}, chunk_frames=1) as store:
+        store(0, whole[0])
+        raise RuntimeError("boom")
+    assert not (tmp_path / "q.zarr").exists()  # a failed run leaves no half-written map
+
+
 def test_checkpoint_roundtrip_and_bad_checkpoints(tiny_model, tmp_path):
     _, model, config, _ = tiny_model
     path = tmp_path / "seg.pt"
@@ -321,3 +340,25 @@ def test_cli_trains_segments_and_rejects_bad_input(tmp_path, capsys):
     written = draw(movie_dir, tmp_path / "figures", formats=("png",), dpi=60)
     assert sorted(p.stem for p in written) == sorted(FIGURES)
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+# --------------------------------------------------------------------------- classical detector
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_classical_detector_with_inspected_settings_finds_rods_and_their_axes(dark):
+    from rvae_tools.inspect import inspect_frames, resolve_settings
+
+    syn = validate_section("segment", {"synthetic": dict(TINY_SYNTHETIC, shape=[128, 128])})["synthetic"]
+    images, _, truth = render_frames(syn, 4, 11)
+    movie = (1.0 - images) if dark else images
+    inspection, _ = inspect_frames({i: movie[i] for i in range(len(movie))})
+    settings, _ = resolve_settings("segment", validate_section("segment", {}), inspection)
+    assert settings["method"] == "classical" and settings["invert"] is dark
+    det, prob = segment_movie(movie, settings)
+    assert prob is None and {"length", "width", "major_axis", "minor_axis"} <= set(det.columns)
+    assert detection_scores(det, truth, 3.0)["f1"] >= 0.9
+    t, p = match_points(truth[["x", "y"]].to_numpy(), det[["x", "y"]].to_numpy(), 3.0)
+    same = truth["frame"].to_numpy()[t] == det["frame"].to_numpy()[p]
+    delta = truth["angle"].to_numpy()[t][same] - det["orientation"].to_numpy()[p][same]
+    assert abs(np.mean(np.exp(2j * delta))) >= 0.95  # axes agree modulo pi

@@ -29,7 +29,7 @@ rule dynamics:
         "../envs/dynamics.yaml"
     shell:
         "rvae-tools dynamics {input.latents:q} --tracks {input.tracks:q} -o {output:q}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        " --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule figures:
@@ -70,4 +70,4 @@ rule figures:
     conda:
         "../envs/figures.yaml"
     shell:
-        "rvae-tools figures {params.movie_dir:q} --settings {params.settings:q} > {log} 2>&1"
+        "rvae-tools figures {params.movie_dir:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -24,4 +24,4 @@ rule train:
         "../envs/train.yaml"
     shell:
         "OMP_NUM_THREADS={threads} rvae-tools train {input:q} -o {output.model:q} --device {params.device:q}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        " --settings {params.settings:q} > {log:q} 2>&1"
