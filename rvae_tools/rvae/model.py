@@ -226,7 +226,7 @@ class RVAE:
         """log p(x | z, theta_j, d) (B, m) at the posterior means of z and the shift, for angles ``theta`` (B, m)."""
         mask = torch.isfinite(x)
         x0 = torch.nan_to_num(x, nan=0.0)
-        decoded = self.decoder(enc["z_mu"], theta, enc["t_mu"]).float()
+        decoded = self.decoder(self._decoder_z(enc), theta, enc["t_mu"]).float()
         decoded = decoded + self._background(x0, mask)[:, None, None, None]
         mm = mask[:, None].float() if not bool(mask.all()) else None
         if self.settings["likelihood"] == "bernoulli":
@@ -234,6 +234,12 @@ class RVAE:
         else:
             rec = losses.gaussian_nll(x0[:, None], decoded, self._noise_sd(), mm)
         return -rec
+
+    def _decoder_z(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's input at the posterior mean (class models add their most probable class)."""
+        if "class_logits" in enc and hasattr(self, "_with_class"):
+            return self._with_class(enc["z_mu"], enc["class_logits"].argmax(1))
+        return enc["z_mu"]
 
     def _background(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-window background level added to the decoding (0 unless ``background: median``).
@@ -338,7 +344,7 @@ class RVAE:
                 theta = torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
                 background = self._background(torch.nan_to_num(x), torch.isfinite(x))
                 if pose:
-                    var = self._laplace(x, enc["z_mu"], theta, enc["t_mu"], background)
+                    var = self._laplace(x, self._decoder_z(enc), theta, enc["t_mu"], background)
                 else:
                     var = torch.full((x.shape[0], 3), math.nan, device=x.device)
                 if self.rotations > 1:
