@@ -74,3 +74,16 @@ def test_snakemake_config_errors_name_the_file_and_line(tmp_path):
     line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "invalid configuration" in line)
     assert str(bad) in line and "movies.a.windows.size" in line and "do not fit" in line
     assert not (work / "results").exists()
+
+
+def test_snakemake_stops_on_a_device_this_machine_lacks(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the check passes on a machine with CUDA; test_config covers the message
+    config = tmp_path / "cuda.yaml"
+    config.write_text("device: cuda:3\nmovies:\n  a: {simulate: {}}\n")
+    proc = _dry_run(tmp_path / "work", config)
+    assert proc.returncode != 0
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "invalid configuration" in line)
+    assert "device: 'cuda:3'" in line and "no CUDA device" in line
