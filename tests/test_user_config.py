@@ -87,3 +87,17 @@ def test_snakemake_stops_on_a_device_this_machine_lacks(tmp_path):
     assert proc.returncode != 0
     line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "invalid configuration" in line)
     assert "device: 'cuda:3'" in line and "no CUDA device" in line
+
+
+def test_broken_default_config_names_line_and_column(tmp_path):
+    work = tmp_path / "work"
+    (work / "config").mkdir(parents=True)
+    broken = (REPO / "config" / "config.yaml").read_text().replace("seed: 0 ", "seed: [0 ", 1)
+    assert broken != (REPO / "config" / "config.yaml").read_text()
+    (work / "config" / "config.yaml").write_text(broken)
+    args = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(work),
+            "--dry-run", "--cores", "1", "--workflow-profile", "none"]
+    proc = subprocess.run(args, cwd=work, env=tool_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "invalid configuration" in line)
+    assert re.search(r"config/config\.yaml: line \d+, column \d+: not valid YAML", line), line
