@@ -42,6 +42,7 @@ include: "workflow/rules/encode.smk"
 include: "workflow/rules/dynamics.smk"
 
 
+# Every contract file of every movie and model (see final_outputs in common.smk).
 rule all:
     input:
         final_outputs(),

@@ -2,7 +2,8 @@
 
 Modules: :mod:`.networks` (encoders and coordinate decoders), :mod:`.losses` (KL terms and
 likelihoods), :mod:`.model` (:class:`RVAE`), :mod:`.trainer` (the training loop),
-:mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE, Gaussian mixture).
+:mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE, Gaussian mixture),
+:mod:`.semisupervised` (class latents: ssrvae, jrvae, conditional, ssvae).
 """
 
 from .model import RVAE, wrap_angle
@@ -11,7 +12,11 @@ __all__ = ["RVAE", "build_model", "load_model", "wrap_angle"]
 
 
 def build_model(settings: dict, window_size):
-    """The model the ``rvae.model`` setting selects: RVAE, the plain VAE or the Gaussian mixture."""
+    """The model the ``rvae.model`` setting selects: RVAE, a class model, the plain VAE or the Gaussian mixture."""
+    from .semisupervised import CLASS_MODELS, ClassRVAE
+
+    if settings.get("model", "rvae") in CLASS_MODELS:
+        return ClassRVAE.from_settings(settings, window_size)
     if settings.get("model", "rvae") == "gmm":
         from .baselines import WindowGMM
 
@@ -26,10 +31,13 @@ def load_model(path, **expect):
     from ..errors import InputError
     from .baselines import WindowGMM
     from .model import read_checkpoint
+    from .semisupervised import CLASS_MODELS, ClassRVAE
 
     if not Path(path).exists():
         raise InputError(f"{path}: model checkpoint not found")
     kind = read_checkpoint(Path(path)).get("kind")
     if kind == "gmm":
         return WindowGMM.load(path, **expect)
+    if kind in CLASS_MODELS:
+        return ClassRVAE.load(path, **expect)
     return RVAE.load(path, **expect)

@@ -2,6 +2,7 @@
 import copy
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -92,11 +93,32 @@ def movie_source(wildcards):
 
 
 def final_outputs():
-    """The targets of `rule all`, for every movie. Its dynamics and every figure pull in
-    every earlier stage. (FIGURES comes from dynamics.smk, included before `rule all`.)"""
-    outputs = expand(f"{RESULTS}/{{movie}}/dynamics.zarr", movie=MOVIES)
-    stems = [stem for stage_stems in FIGURES.values() for stem in stage_stems]
-    outputs += expand(f"{RESULTS}/{{movie}}/figures/{{stem}}.png", movie=MOVIES, stem=stems)
+    """The targets of the `all` rule (the default target), which are every declared output
+    of every stage, for every movie (and model scope) it applies to, so that a missing
+    output (a store deleted, a killed --forcerun) is always rebuilt rather than reported up
+    to date because the files downstream of it are still there. Called after every rule is
+    defined."""
+    from itertools import product
+
+    from snakemake.io import apply_wildcards, get_wildcard_names, regex_from_filepattern
+
+    values = {"movie": MOVIES, "scope": ["pooled"] if _rvae_pooled() else MOVIES}
+    # Rules whose movie wildcard is not constrained to the movies they apply to.
+    applies_to = {"simulate": SIMULATED}
+    outputs = []
+    for stage in workflow.rules:
+        if stage.name == "all":
+            continue
+        for pattern in map(str, stage.output):
+            names = sorted(get_wildcard_names(pattern))
+            if not set(names) <= set(values):
+                continue  # a wildcard whose values only the rule itself knows
+            choices = [applies_to.get(stage.name, values[n]) if n == "movie" else values[n] for n in names]
+            regex = re.compile(regex_from_filepattern(pattern))
+            for combo in product(*choices):
+                path = apply_wildcards(pattern, dict(zip(names, combo)))
+                if regex.fullmatch(path):  # the rule's wildcard constraints: its movies only
+                    outputs.append(path)
     return outputs
 
 
@@ -111,9 +133,51 @@ def _movie_pattern(names):
     return "|".join(names) if names else "(?!x)x"
 
 
-SEGMENT_UNET = [m for m in MOVIES if _segment_settings(m)["method"] == "unet"]
-SEGMENT_LOCATE = [m for m in MOVIES if _segment_settings(m)["method"] == "locate"]
+#: Movies of the user (not simulated): inspected first (rule `inspect`), and every setting
+#: left at `auto` takes the inspected value (rvae_tools.inspect.resolve_settings).
+USER_MOVIES = [m for m in MOVIES if m not in SIMULATED]
+
+
+def _segment_method(movie):
+    """The detector of a movie; `auto` is unet for a simulated movie, classical for a user
+    movie (what rvae_tools.inspect.resolve_settings decides in the stage itself)."""
+    method = _segment_settings(movie)["method"]
+    if method == "auto":
+        return "unet" if movie in SIMULATED else "classical"
+    return method
+
+
+def _training_source(movie):
+    source = _segment_settings(movie)["train"]["source"]
+    if source == "auto":
+        return "simulate" if movie in SIMULATED else "pseudo"
+    return source
+
+
+SEGMENT_UNET = [m for m in MOVIES if _segment_method(m) == "unet"]
+SEGMENT_LOCATE = [m for m in MOVIES if _segment_method(m) == "locate"]
+SEGMENT_CLASSICAL = [m for m in MOVIES if _segment_method(m) == "classical"]
 SEGMENT_TRAIN = [m for m in SEGMENT_UNET if not _segment_settings(m)["checkpoint"]]
+
+
+def inspect_input(wildcards):
+    """A user movie's stages read its inspect.json (settings left at `auto`); a simulated one has none."""
+    if wildcards.movie in SIMULATED:
+        return {}
+    return {"inspect": f"{RESULTS}/{wildcards.movie}/inspect.json"}
+
+
+def inspect_args(wildcards):
+    """--inspect for a user movie's stages (quoted), nothing for a simulated movie."""
+    if wildcards.movie in SIMULATED:
+        return ""
+    return "--inspect " + shlex.quote(f"{RESULTS}/{wildcards.movie}/inspect.json")
+
+
+def inspect_settings(wildcards):
+    """The sections whose `auto` values the inspection decides, as the inspect rule records them."""
+    return json.dumps({section: stage_settings(config, section, wildcards.movie)
+                       for section in ("segment", "track", "windows")}, sort_keys=True)
 
 
 def segmenter_checkpoint(wildcards):
@@ -124,16 +188,19 @@ def segmenter_checkpoint(wildcards):
 
 def segmenter_training_input(wildcards):
     """Pseudo-labels are found in the movie itself; other sources need no input file."""
-    if _segment_settings(wildcards.movie)["train"]["source"] == "pseudo":
-        return {"movie": f"{RESULTS}/{wildcards.movie}/movie.zarr"}
-    return {}
+    inputs = dict(inspect_input(wildcards))
+    if _training_source(wildcards.movie) == "pseudo":
+        inputs["movie"] = f"{RESULTS}/{wildcards.movie}/movie.zarr"
+    return inputs
 
 
 def segmenter_training_args(wildcards):
     """--input for pseudo-labels, --simulate-settings for a simulated movie."""
     args = []
-    if _segment_settings(wildcards.movie)["train"]["source"] == "pseudo":
+    if _training_source(wildcards.movie) == "pseudo":
         args += ["--input", f"{RESULTS}/{wildcards.movie}/movie.zarr"]
+    if wildcards.movie not in SIMULATED:
+        args += ["--inspect", f"{RESULTS}/{wildcards.movie}/inspect.json"]
     if wildcards.movie in SIMULATED:
         args += ["--simulate-settings", json.dumps(stage_settings(config, "simulate", wildcards.movie), sort_keys=True)]
     return " ".join(shlex.quote(a) for a in args)
