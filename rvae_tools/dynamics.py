@@ -907,7 +907,7 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
     species : int array (particle,)
     table : list of {"name", "symmetry", "source"}
     method : str
-        "single", "cls" or "gmm".
+        "single", "latents" (the encode stage's ``species(particle)``), "cls" or "gmm".
     """
     notes = notes if notes is not None else []
     n_particles = latents.sizes["particle"]
@@ -926,14 +926,32 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
              for k, s in enumerate(listed)]
     if len(table) == 1:
         return np.zeros(n_particles, dtype=int), table, "single"
+    # Trajectories without any window carry no data: their class (often a placeholder) is moot.
+    has_data = np.isfinite(np.asarray(latents["x"].transpose("particle", "frame").values, dtype=float)).any(axis=1)
+    recorded_index = latents.variables.get("species")
+    if source == "latents" and recorded_index is not None and recorded_index.dims == ("particle",):
+        # The encode stage's own species index of every trajectory (-1 = none found).
+        index = np.asarray(recorded_index.values)
+        if np.issubdtype(index.dtype, np.number):
+            index = np.where(np.isfinite(index), index, -1).astype(int)
+            bad = has_data & ((index < 0) | (index >= len(table)))
+            if bad.any():
+                raise InputError(f"latents.zarr: species index of {int(bad.sum())} trajectories with windows is "
+                                 f"{', '.join(map(str, sorted(set(index[bad].tolist()))))}; expected 0..{len(table) - 1} "
+                                 "(the species recorded in the attrs)")
+            return np.where(has_data, index, 0), table, "latents"
     cls = _particle_classes(latents, tracks) if settings["species_from"] in ("auto", "cls") else None
     if cls is None and settings["species_from"] == "cls":
         raise InputError("latents.zarr / tracks.parquet: dynamics.species_from is 'cls' but neither has a "
                          "'cls' variable/column giving each particle's class")
     if cls is not None:
         keys = [_class_key(s.get("cls", k)) for k, s in enumerate(listed)]
-        lookup = {key: idx for idx, key in enumerate(keys)}
+        # A class may also carry the species' name (classifiers store class names).
+        lookup = {str(s.get("name")): idx for idx, s in enumerate(listed) if s.get("name")}
+        lookup.update({key: idx for idx, key in enumerate(keys)})
         labels = np.array([_class_key(c) for c in cls], dtype=object)
+        labels = np.where(has_data, labels, keys[0])
+        labels = np.where(np.isin(labels, ["", "nan", "None"]), "(none)", labels)
         unknown = sorted(set(labels) - set(lookup))
         if unknown:
             where = "dynamics.species" if source == "config" else "the species recorded in latents.zarr"
