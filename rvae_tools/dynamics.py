@@ -798,9 +798,6 @@ def estimate_transition(
         out["n_boot"] = len(t_boot)
         if len(t_boot) >= 10:
             a = (1 - confidence) / 2
-            # Basic (reflected) bootstrap interval: a resample's bias relative to the data mirrors
-            # the estimate's bias relative to the truth (for instance the noise floor of |<u>|,
-            # which duplicated trajectories raise), so the quantiles are reflected about it.
             # Resampling G units with replacement gives a spread (G-1)/G of the true variance and
             # normal rather than Student-t tails: with the 16 tiles of the default that narrows the
             # interval by about 11 %, so the deviations are scaled back (factor -> 1 for large G).
@@ -808,7 +805,10 @@ def estimate_transition(
 
             g = signal.n_units
             factor = math.sqrt(g / (g - 1)) * stats.t.ppf(1 - a, g - 1) / stats.norm.ppf(1 - a) if g > 2 else 1.0
-            lo, hi = fit.t_c - factor * np.quantile(t_boot - ref_tc, [1 - a, a])
+            # Symmetric about the estimate: the resamples' |deviation| from the reference, so a
+            # skewed or shifted bootstrap distribution widens both ends instead of moving one.
+            half = factor * float(np.quantile(np.abs(t_boot - ref_tc), confidence))
+            lo, hi = fit.t_c - half, fit.t_c + half
             # One sample per frame cannot resolve an interval narrower than the sampling.
             out["low"] = float(min(lo, fit.t_c - 0.5))
             out["high"] = float(max(hi, fit.t_c + 0.5))
