@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from .calibration import lab_frame
 from .config import add_settings_arguments, settings_from_args
 from .errors import InputError
 from .io import open_zarr, write_zarr
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: Per-window outputs of ``RVAE.encode`` on dims (particle, frame), with their units.
 SCALARS = {
-    "angle": ("rad", "encoded rotation angle of the window"),
+    "angle": ("rad", "encoded rotation angle of the window (mapped to the lab frame by calibration.lab_frame)"),
     "angle_sd": ("rad", "posterior spread of the angle"),
     "dx": ("px", "encoded shift along x (columns)"),
     "dy": ("px", "encoded shift along y (rows)"),
@@ -260,6 +261,7 @@ def encode_patches(
         "movie_sha256": patches.attrs.get("movie_sha256", ""),
     })
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    ds = lab_frame(ds, model, settings, patches=patches, index=(pi, fi))
     encoding = {name: {"chunks": _chunks(ds[name].shape)} for name in ds.data_vars}
     write_zarr(ds, output, encoding=encoding, provenance=provenance_attrs(
         settings=settings if settings is not None else model_config, seed=seed,

@@ -94,11 +94,18 @@ def test_latents_follow_the_contract(movie_dir, tmp_path):
     patches = xr.open_zarr(movie_dir / "patches.zarr")
     direct = RVAE.load(model_path).encode(patches.window.values, device="cpu")
     p, f = patches.particle.values, patches.frame.values
-    got = ds.angle.values[p, f]
+    got = ds.angle_raw.values[p, f]
     assert np.allclose(got, direct["angle"], atol=1e-5)
     assert np.allclose(ds.z.values[p, f], direct["z"], atol=1e-5)
 
     assert ds.cls.sel(particle=1).item() == "tadpole" and ds.cls.sel(particle=0).item() == "rod"
+    # species from the two classes, each with a symmetry order and an angle calibration
+    species = json.loads(ds.attrs["species"])
+    assert [s["cls"] for s in species] == ["rod", "tadpole"] and ds.attrs["species_source"] == "cls"
+    assert ds.species.sel(particle=1).item() == 1 and ds.species.sel(particle=0).item() == 0
+    assert len(ds.attrs["species_symmetry"]) == 2 and all(n >= 0 for n in ds.attrs["species_symmetry"])
+    assert len(ds.attrs["angle_offset"]) == len(ds.attrs["angle_sense"]) == len(ds.attrs["angle_residual"]) == 2
+    assert "towards +y" in ds.angle.attrs["convention"] and ds.angle_raw.attrs["units"] == "rad"
     assert ds.track_length.values.tolist() == [10, 10, 8, 5]
     assert ds.attrs["model_checksum"] == file_sha256(model_path)
     assert ds.attrs["pixel_size"] == 2.0 and ds.attrs["pixel_unit"] == "nm" and ds.attrs["frame_interval"] == 0.5

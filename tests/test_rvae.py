@@ -396,3 +396,28 @@ def test_gpu_training_with_mixed_precision():
     assert model.device.type == "cuda"
     out = model.encode(x, device="cuda")
     assert np.isfinite(out["angle"]).all()
+
+
+# --------------------------------------------------------------------------- lab frame
+
+
+def test_lab_frame_angle_of_a_rotated_particle_is_its_known_angle(trained):
+    from rvae_tools.calibration import calibrate_species, to_lab
+
+    x, _, _ = l_windows(256, seed=7)
+    zmean = trained.encode(x, device="cpu")["z"].mean(0)
+    # The L is mirror-symmetric about its corner's diagonal, so its major axis (second moments)
+    # lies across that diagonal: at 3 pi / 4 from +x towards +y when upright, modulo pi.
+    cal = calibrate_species(trained, zmean, 2)  # the template fit: no reference angles needed
+    assert cal["method"] == "template" and cal["residual"] < np.radians(3)
+    known = np.array([0.3, 1.1, -0.7, 2.0, -2.5, 3.0])
+    rng = np.random.default_rng(2)
+    errors = []
+    for a in known:
+        # The same particle seen 16 times (sub-pixel positions, noise), as along a trajectory.
+        shifts = rng.uniform(-0.5, 0.5, (16, 2))
+        obs = np.stack([render_l(a, *d) for d in shifts]) * 0.8 + 0.1 + rng.normal(0, 0.03, (16, 24, 24))
+        lab = to_lab(trained.encode(obs.astype(np.float32), device="cpu")["angle"], cal["sense"], cal["offset"])
+        axis = a + 3 * np.pi / 4
+        errors.append(np.degrees(np.angle(np.mean(np.exp(2j * (lab - axis)))) / 2))
+    assert np.max(np.abs(errors)) < 3.0, np.round(errors, 2)
