@@ -127,6 +127,7 @@ def _wait_started(logs: Path, since: float, proc: subprocess.Popen, timeout: flo
 
 def kills(root: Path, per_stage: int, seed: int, only: list[str] | None = None) -> dict:
     rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
     # The CPU, so that reruns are bit-identical (GPU kernels need not be).
     configfile = _workflow.write_config(root / "config.yaml", {"device": "cpu"})
     env = _workflow.tool_env()
