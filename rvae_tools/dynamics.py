@@ -943,12 +943,16 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
         index = np.asarray(recorded_index.values)
         if np.issubdtype(index.dtype, np.number):
             index = np.where(np.isfinite(index), index, -1).astype(int)
-            bad = has_data & ((index < 0) | (index >= len(table)))
+            # -1 marks trajectories the encode stage could not place (no finite z): without an
+            # angle they add to no species' statistic, so only those with angles must be placed.
+            has_angle = np.isfinite(np.asarray(latents["angle"].transpose("particle", "frame").values,
+                                               dtype=float)).any(axis=1)
+            bad = has_angle & ((index < 0) | (index >= len(table)))
             if bad.any():
                 raise InputError(f"latents.zarr: species index of {int(bad.sum())} trajectories with windows is "
                                  f"{', '.join(map(str, sorted(set(index[bad].tolist()))))}; expected 0..{len(table) - 1} "
                                  "(the species recorded in the attrs)")
-            return np.where(has_data, index, 0), table, "latents"
+            return np.where(bad | (index < 0) | (index >= len(table)), 0, index), table, "latents"
     cls = _particle_classes(latents, tracks) if settings["species_from"] in ("auto", "cls") else None
     if cls is None and settings["species_from"] == "cls":
         raise InputError("latents.zarr / tracks.parquet: dynamics.species_from is 'cls' but neither has a "
