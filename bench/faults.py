@@ -100,7 +100,9 @@ def hostile_strings(root: Path) -> dict:
 
 
 def _snakemake(workdir: Path, configfile: Path, *args: str) -> list[str]:
-    return [*_workflow.snakemake_args(workdir, configfile, *args), "--workflow-profile", "none"]
+    # The workflow's default profile, as a user's `snakemake --cores 2` has it: it reruns the
+    # jobs a kill left incomplete (rerun-incomplete) instead of stopping.
+    return _workflow.snakemake_args(workdir, configfile, *args)
 
 
 def _leftovers(results: Path) -> list[str]:
@@ -138,7 +140,7 @@ def kills(root: Path, per_stage: int, seed: int, only: list[str] | None = None, 
         print(f"  reference run: {reference} (given)", flush=True)
     else:
         start = time.perf_counter()
-        _workflow.run_snakemake(ref, configfile, "--cores", "2", "--workflow-profile", "none", timeout=3600)
+        _workflow.run_snakemake(ref, configfile, "--cores", "2", timeout=3600)
         print(f"  reference run: {time.perf_counter() - start:.0f} s", flush=True)
     durations = _stage_durations(ref / "results")
     order = ["simulate", "ingest", "inspect", "train_segmenter", "segment", "track", "windows", "train", "encode",
