@@ -352,13 +352,18 @@ def suggested_yaml(inspection: dict[str, Any]) -> str:
         block = nested.setdefault(section, {})
         for key, value in values.items():
             _set(block, key, value)
-    head = (f"# rvae-tools inspect: {inspection['polarity']} particles"
-            f"{'' if inspection['polarity_certain'] else ' (uncertain: two-sided contrast; set segment.invert)'}, "
-            f"{inspection['length']:.1f} x {inspection['width']:.1f} px (longest {inspection['length_p95']:.1f}), "
-            f"elongation {inspection['elongation']:.2f} "
-            f"({'orientation meaningful' if inspection['orientation_meaningful'] else 'round: outlines give no orientation'}), "
-            f"{inspection['particles_per_frame']:.0f} per frame, SNR {inspection['snr']:.1f}, "
-            f"drift ({inspection['drift'][0]:.2f}, {inspection['drift'][1]:.2f}) px/frame\n")
+    polarity = inspection["polarity"] + ("" if inspection["polarity_certain"]
+                                         else " (uncertain: two-sided contrast; set segment.invert)")
+    shape = "orientation meaningful" if inspection["orientation_meaningful"] else "round: outlines give no orientation"
+    dx, dy = inspection["drift"]
+    head = "".join(f"# {line}\n" for line in (
+        f"rvae-tools inspect: {polarity} particles",
+        f"size {inspection['length']:.1f} x {inspection['width']:.1f} px (longest {inspection['length_p95']:.1f} px)",
+        f"elongation {inspection['elongation']:.2f} ({shape})",
+        f"{inspection['particles_per_frame']:.0f} particles per frame, SNR {inspection['snr']:.1f}",
+        (f"drift ({dx:.2f}, {dy:.2f}) px/frame, 95 % of steps below {inspection['step_p95']:.2f} px"
+         if np.isfinite(inspection["step_p95"]) else "drift and motion not measured (no consecutive frames)"),
+    ))
     return head + yaml.safe_dump(nested, sort_keys=True, default_flow_style=False)
 
 
@@ -437,7 +442,7 @@ def qc_figure(inspection: dict[str, Any], qc: dict[str, Any], notes: list[str] |
     ax.set_title(f"elongation {inspection['elongation']:.2f}, SNR {inspection['snr']:.1f}")
     ax = axes[2]
     ax.axis("off")
-    text = suggested_yaml(inspection).replace(", ", ",\n# ")
+    text = suggested_yaml(inspection)
     if notes:
         text += "\n# decisions and warnings:\n" + "\n".join(f"# {n}" for n in notes)
     ax.text(0, 1, text, va="top", ha="left", family="monospace", fontsize=7, transform=ax.transAxes)
