@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "checkpoint-folder": ("rvae_tools.train", "create the rVAE trainer's checkpoint folder (a workflow output)"),
     "train": ("rvae_tools.train", "train the rotationally invariant VAE on windows"),
     "encode": ("rvae_tools.encode", "encode every window -> per-trajectory latents.zarr"),
+    "classify": ("rvae_tools.classify", "class of every window from a model with classes -> classes.parquet"),
     "dynamics": ("rvae_tools.dynamics", "ensemble dynamics, order parameters, ordering transition -> dynamics.zarr"),
     "figures": ("rvae_tools.figures", "draw the figures of one movie"),
     "provenance": ("rvae_tools.provenance_cli", "print the provenance attributes of a store"),

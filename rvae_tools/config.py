@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -85,6 +86,8 @@ def _describe(error, prefix: str = "") -> str:
             "minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<",
         }[error.validator]
         return f"{where}: {error.instance!r} is out of range; expected a value {relation} {error.validator_value}"
+    if error.validator == "pattern" and "x-expected" in error.schema:
+        return f"{where}: {error.instance!r} is not allowed; expected {error.schema['x-expected']}"
     if error.validator == "required":
         return f"{where}: {error.message}"
     return f"{where}: {error.message}"
@@ -136,19 +139,200 @@ def validate_config(config: dict[str, Any] | None, source: str = "config") -> di
                 stage_settings(config, section, name, source=source)
         if has_sim:
             stage_settings(config, "simulate", name, source=source)
+    _check_results_folder(config, source)
+    return config
+
+
+def _check_results_folder(config: dict[str, Any], source: str) -> None:
+    # Outputs outside the working directory only when the user says so: a typo such as
+    # "../results" (or a crafted config) must not write into someone else's folders.
+    results = config["results"]
+    if config["results_outside_workdir"]:
+        return
+    inside = os.path.relpath(os.path.abspath(results), os.getcwd())
+    if inside == ".." or inside.startswith(".." + os.sep):
+        raise InputError(
+            f"{source}: results: {results!r} is outside the working directory {os.getcwd()}; "
+            "expected a relative path inside it, or set results_outside_workdir: true"
+        )
+
+
+def check_config(config: dict[str, Any], source: str = "config", *, device: bool = True) -> dict[str, Any]:
+    """Cross-field checks of a validated config against its movies and this machine.
+
+    Run by ``rvae-tools validate-config`` and at Snakemake start, before any rule, so that a
+    config that cannot work stops before the first job (and before Snakemake removes the
+    previous outputs of a rule). Checks, per movie: the movie file exists and its frame
+    range and crop fit it (read from the file's header, no pixels), ``windows.size`` fits in
+    the (cropped) frame, ``windows.source: probability`` has a detector that writes a
+    probability map (``segment.method: unet``); and, with ``device``, that the configured
+    compute device exists here.
+
+    Returns
+    -------
+    dict
+        Per movie, the frame shape ``(frames, height, width)`` found (None when unknown).
+
+    Raises
+    ------
+    InputError
+        One line naming the file, the movie, the key and what was expected.
+    """
+    shapes: dict[str, Any] = {}
+    for name, movie in config["movies"].items():
+        where = f"{source}: movies.{name}"
+        windows = stage_settings(config, "windows", name, source=source)
+        segment = stage_settings(config, "segment", name, source=source)
+        if windows.get("source") == "probability" and segment.get("method") == "locate":
+            raise InputError(
+                f"{where}: windows.source: probability needs a probability map, which "
+                "segment.method: locate does not write; expected segment.method: unet or windows.source: image"
+            )
+        crop = movie.get("crop")
+        if crop is not None and not (0 <= crop[0] < crop[1] and 0 <= crop[2] < crop[3]):
+            raise InputError(
+                f"{where}.crop: {list(crop)} is empty or negative; expected [y0, y1, x0, x1] "
+                "with 0 <= y0 < y1 and 0 <= x0 < x1"
+            )
+        shape = _movie_shape(config, name, where)
+        shapes[name] = shape
+        size = windows.get("size")
+        if shape is not None and isinstance(size, int) and size > min(shape[1], shape[2]):
+            raise InputError(
+                f"{where}.windows.size: {size} px windows do not fit in the {shape[1]} x {shape[2]} px "
+                f"frames; expected at most {min(shape[1], shape[2])}"
+            )
+    if device:
+        check_device(config["device"], source)
+    return shapes
+
+
+def _movie_shape(config: dict[str, Any], name: str, where: str) -> tuple[int, int, int] | None:
+    movie = config["movies"][name]
+    if "simulate" in movie:
+        sim = stage_settings(config, "simulate", name)
+        height, width = sim["height"], sim["width"]
+        crop = movie.get("crop")
+        if crop is not None:
+            if crop[1] > height or crop[3] > width:
+                raise InputError(
+                    f"{where}.crop: {list(crop)} is outside the simulated {height} x {width} px frame; "
+                    "expected y1 <= height and x1 <= width"
+                )
+            height, width = crop[1] - crop[0], crop[3] - crop[2]
+        return sim["frames"], height, width
+    from .ingest import read_movie_info  # the readers pull in imaging libraries: only here
+
+    path = Path(movie["path"])
+    if not path.exists():
+        raise InputError(f"{where}.path: {str(path)!r} not found (relative paths start at {os.getcwd()})")
+    options = {k: v for k, v in movie.items() if k in MOVIE_READER_KEYS and k not in ("path", "simulate")}
+    try:
+        info = read_movie_info(path, **options)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return tuple(int(v) for v in info["shape"])
+
+
+def check_device(device: str, source: str = "config") -> None:
+    """Raise :class:`InputError` when ``device`` (cuda, cuda:N, mps) does not exist here."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"{source}: device: {device!r} was requested but no CUDA device is available; expected auto or cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise InputError(
+                f"{source}: device: {device!r} does not exist; this machine has {torch.cuda.device_count()} "
+                f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InputError(f"{source}: device: 'mps' was requested but Apple MPS is not available; expected auto or cpu")
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a YAML file sets the same key twice (PyYAML silently keeps the last)."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"line {line}: duplicate key {key!r} (first set on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of letting the last one win."""
+
+
+def _construct_strict_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # "<<: *anchor" merges; keys set after it legitimately override
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:
+            continue  # unhashable key: SafeLoader itself reports it below
+        if first is not None:
+            raise DuplicateKeyError(key, key_node.start_mark.line + 1, first)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_strict_mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text strictly: syntax errors and duplicate keys raise :class:`InputError`
+    naming ``source``, the line and (for syntax errors) the column."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
+    except DuplicateKeyError as exc:
+        raise InputError(f"{source}: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = exc.problem or exc.context or "syntax error"
+        raise InputError(f"{source}: {where}not valid YAML ({what})") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file strictly, without validating it.
+
+    Raises
+    ------
+    InputError
+        When the file is missing, empty (an empty file would silently be the demo), not valid
+        YAML (with line and column), sets a key twice, or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the config file ({exc})") from None
+    config = parse_yaml(text, str(path))
+    if config is None:
+        raise InputError(
+            f"{path}: the config file is empty; expected a mapping of keys such as 'movies:' "
+            "(see config/README.md)"
+        )
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: the config must be a mapping of keys to values, got {type(config).__name__}")
     return config
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file and validate it (defaults filled in)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: config file not found")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return validate_config(config, source=str(path))
+    """Read a YAML config file strictly (:func:`read_config_file`) and validate it (defaults
+    filled in). The checks against the movies and the machine are :func:`check_config`."""
+    return validate_config(read_config_file(path), source=str(path))
 
 
 def section_schema(section: str) -> dict[str, Any]:

@@ -3,33 +3,54 @@
 Reads the per-trajectory latents (``latents.zarr``) and the trajectories
 (``tracks.parquet``) of one movie and writes ``dynamics.zarr``: per-frame ensemble
 statistics on a ``frame`` dimension (with a ``time`` coordinate in seconds), per-trajectory
-rotational and translational dynamics, and the estimated ordering-transition frame with its
-bootstrap interval in the store's attributes.
+rotational and translational dynamics, and the ordering transition in the store's attributes.
+
+:func:`compute_dynamics` reads as its table of contents: :func:`prepare_movie`, then one step
+per section, each returning an ``xarray.Dataset`` on named dims (:func:`frame_counts`,
+:func:`latent_statistics`, :func:`circular_statistics`, :func:`orientational_order`,
+:func:`neighbour_order`, :func:`classical_order`, :func:`pair_correlations`,
+:func:`rotational_dynamics`, :func:`translational_dynamics`, :func:`ordering_transition`),
+merged at the end. Trajectories are processed in chunks (``dynamics.chunk``) and the order
+parameters are kept as sums per bootstrap unit, species and frame, so memory does not grow
+with particles x frames complex arrays.
 
 Angles
 ------
-The rVAE's angle has an arbitrary constant offset (and possibly a sign flip) relative to the
-lab frame, and a particle with ``n``-fold symmetry has an angle defined only modulo
-``2*pi/n``. Every quantity that is fitted here is invariant to both: order parameters
-``S_m = |<exp(i m theta)>|``, local ``S_m``, rotational MSD (differences of unwrapped angles),
-jump sizes (absolute values). The mean direction is reported but is only defined up to that
-offset.
+The rVAE's angle may carry a constant offset and sign relative to the lab frame, and a
+particle with ``n``-fold symmetry has an angle defined only modulo ``2*pi/n``. Every quantity
+fitted here is invariant to both: order parameters ``S_m = |<exp(i m theta)>|``, local
+``S_m``, rotational MSD (differences of unwrapped angles), jump sizes. Angles that are all NaN
+or all one value (pose-less models) are "no angles": nothing angle-based is reported.
 
-Species
--------
-Each trajectory belongs to one species with a symmetry order ``n`` (2 for rods). With one
-species (``dynamics.species`` empty) every particle has ``n = dynamics.symmetry``. With
-several, the species of a trajectory is taken from a ``cls(particle)`` variable of the latents
-(or the majority ``cls`` of its rows in ``tracks.parquet``), matching a species' ``cls`` value
-or else its position in the list; without any class information the trajectories are
-clustered on their mean content latent ``z`` by a Gaussian mixture with one component per
-species, and components are matched to the listed species in order of increasing mean
-``z[0]`` (list species in that order).
+Species and symmetry
+--------------------
+Each trajectory belongs to one species with a symmetry order ``n`` (2 for rods, 0 for
+isotropic particles such as spheres, which have no orientation: no angle-based order
+parameter and no rotational diffusion for them). The species table is ``dynamics.species``,
+else the one the encode stage records in the latents' attrs, else one species of order
+``dynamics.symmetry``, else of the order recorded in the latents, else n = 2 with a note. With
+several species, a trajectory's species is its class (``cls(particle)`` of the latents or the
+majority ``cls`` of its rows in ``tracks.parquet``) matched to a species' ``cls`` value or
+its position in the list (a class matching no species is an error naming it); without class
+information trajectories are clustered on their mean content latent ``z`` by a Gaussian
+mixture, components matched to the listed species in order of increasing mean ``z[0]``.
+
+Transition
+----------
+The default signal is ``S_n`` (each species' own symmetry); with a substrate registry named
+(``dynamics.registry_order``, 6 for mica) ``S_6`` is a candidate too and ``auto`` picks the
+clearer step. The default model is a logistic step of the order parameter, accepted only when
+it beats a constant by ``min_delta_bic`` and a change point in the mean lies at its midpoint;
+``saturating`` is the AFM-on-mica model (a logistic ramp of the substrate field seen through
+the equilibrium response of the axes). The interval resamples spatial tiles of trajectories
+and redraws every angle within its posterior (``angle_sd``). Without a transition the store
+says ``transition_detected: False`` with ``transition_frame`` and its interval NaN.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -46,6 +67,12 @@ from scipy.special import expit
 from .config import add_settings_arguments, settings_from_args
 from .errors import InputError
 from .io import open_zarr, read_table, write_zarr
+from .motion import (
+    corrected_positions,
+    fit_diffusion,
+    fit_diffusion_many,
+    mean_squared_displacement,
+)
 from .provenance import provenance_attrs
 
 log = logging.getLogger(__name__)
@@ -53,7 +80,8 @@ log = logging.getLogger(__name__)
 #: Per-frame signals a transition can be fitted to (``dynamics.transition_signal``).
 SIGNALS = ("S_n", "S_6", "local_S_n", "psi_6", "local_psi_6", "S_n_moments", "S_6_moments")
 
-#: Angle-derived signals among which ``transition_signal: auto`` picks the clearest step.
+#: Angle-derived signals among which ``transition_signal: auto`` picks the clearest step (S_6 only
+#: exists when a substrate registry is named, ``dynamics.registry_order``).
 AUTO_SIGNALS = ("S_n", "S_6")
 
 #: Classical signals among which ``classical_signal: auto`` picks: the image-moment
@@ -265,69 +293,6 @@ def pair_correlation(xy: np.ndarray, r_edges: np.ndarray, box: tuple[float, floa
     expected = (frac * shell * density).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(expected > 0, counts.sum(axis=0) / expected, np.nan)
-
-
-# --------------------------------------------------------------------------- MSD and diffusion
-
-
-def mean_squared_displacement(values: np.ndarray, max_lag: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Time-averaged MSD of series sampled every frame (NaN = absent).
-
-    Parameters
-    ----------
-    values : array (particle, frame) or (particle, frame, dim)
-        Unwrapped angles (rad) or positions (px).
-    max_lag : int
-        Largest lag in frames.
-
-    Returns
-    -------
-    lags : int array (L,)
-        1 .. max_lag (limited by the number of frames).
-    ensemble : array (L,)
-        MSD pooled over every pair of observations of every particle (units squared).
-    per_particle : array (particle, L)
-        Each particle's MSD (NaN where it has no pair at that lag).
-    """
-    v = np.asarray(values, dtype=float)
-    if v.ndim == 2:
-        v = v[..., None]
-    n_frames = v.shape[1]
-    lags = np.arange(1, max(1, min(max_lag, n_frames - 1)) + 1)
-    per = np.full((v.shape[0], len(lags)), np.nan)
-    ens = np.full(len(lags), np.nan)
-    for k, lag in enumerate(lags):
-        if lag >= n_frames:
-            break
-        d2 = ((v[:, lag:] - v[:, :-lag]) ** 2).sum(axis=2)
-        valid = np.isfinite(d2)
-        cnt = valid.sum(axis=1)
-        tot = np.where(valid, d2, 0).sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per[:, k] = np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
-        if cnt.sum():
-            ens[k] = tot.sum() / cnt.sum()
-    return lags, ens, per
-
-
-def fit_diffusion(lags: np.ndarray, msd: np.ndarray, dim: int, n_fit: int) -> tuple[float, float]:
-    """Diffusion coefficient from ``MSD = 2 dim D lag + c`` over the first ``n_fit`` lags.
-
-    The intercept ``c`` absorbs localisation / angle noise (2 sigma^2 per coordinate), so
-    noisy angles do not inflate D.
-
-    Returns
-    -------
-    (D, c)
-        D in units^2 per frame; NaN when fewer than 3 usable lags.
-    """
-    lags = np.asarray(lags[:n_fit], dtype=float)
-    y = np.asarray(msd[:n_fit], dtype=float)
-    ok = np.isfinite(y)
-    if ok.sum() < 3:
-        return math.nan, math.nan
-    slope, intercept = np.polyfit(lags[ok], y[ok], 1)
-    return float(slope / (2 * dim)), float(intercept)
 
 
 # --------------------------------------------------------------------------- transition
@@ -566,44 +531,163 @@ def change_point(t: np.ndarray, y: np.ndarray, min_size: int = 3) -> float:
     best = int(k[np.argmin(left + right)])
     return float(0.5 * (t[best - 1] + t[best]))
 
+def _unit_matrix(index: np.ndarray, n_rows: int):
+    """Sparse (n_rows, len(index)) one-hot matrix summing rows of a chunk into their unit x species row."""
+    from scipy import sparse
 
-def _resultant_signal(u: np.ndarray, species: np.ndarray) -> np.ndarray:
-    """Per-frame ``|<u>|`` of unit phasors u (particle, frame), species-wise, weighted by counts."""
-    valid = np.isfinite(u)
-    out = np.zeros(u.shape[1])
-    weight = np.zeros(u.shape[1])
-    for s in np.unique(species):
-        rows = species == s
-        v = valid[rows]
-        cnt = v.sum(axis=0)
-        tot = np.abs(np.where(v, u[rows], 0).sum(axis=0))
-        out += tot  # |sum| = count * S, so the count-weighted mean of S is sum(|sum|) / sum(count)
-        weight += cnt
+    return sparse.csr_matrix((np.ones(len(index)), (index, np.arange(len(index)))), shape=(n_rows, len(index)))
+
+
+def _complex_normal(variance: np.ndarray, pseudo: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Complex Gaussian noise with ``E|D|^2 = variance`` and ``E D^2 = pseudo`` (elementwise)."""
+    v_rr = np.maximum(0.5 * (variance + pseudo.real), 0.0)
+    v_ii = np.maximum(0.5 * (variance - pseudo.real), 0.0)
+    v_ri = 0.5 * pseudo.imag
+    z1 = rng.standard_normal(variance.shape)
+    z2 = rng.standard_normal(variance.shape)
+    s_rr = np.sqrt(v_rr)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(weight > 0, out / np.maximum(weight, 1), np.nan)
-
-
-def _mean_signal(a: np.ndarray, species: np.ndarray) -> np.ndarray:
-    valid = np.isfinite(a)
-    cnt = valid.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(cnt > 0, np.where(valid, a, 0).sum(axis=0) / np.maximum(cnt, 1), np.nan)
+        c = np.where(s_rr > 0, v_ri / s_rr, 0.0)
+    return s_rr * z1 + 1j * (c * z1 + np.sqrt(np.maximum(v_ii - c ** 2, 0.0)) * z2)
 
 
 @dataclass
 class Signal:
-    """A per-frame signal built from per-particle values, so it can be bootstrapped over particles."""
+    """A per-frame order parameter kept as sums per bootstrap unit, species and frame.
+
+    The bootstrap resamples whole units (spatial tiles of trajectories, or single
+    trajectories) and, for angles with a posterior spread, redraws every angle within it;
+    both need only these sums, so memory is units x species x frames whatever the number of
+    trajectories.
+
+    Attributes
+    ----------
+    total : array (unit, species, frame)
+        Sum of unit phasors ``exp(i m angle)`` ("resultant") or of values ("mean").
+    count : array (unit, species, frame)
+        Number of values summed.
+    shrunk, variance, pseudo : arrays (unit, species, frame), optional
+        For angles ``a`` with posterior sd ``s``: the sums of ``u * A``, ``1 - A^2`` and
+        ``u^2 (A^4 - A^2)`` with ``u = exp(i m a)`` and ``A = exp(-(m s)^2 / 2)``: mean, variance
+        and pseudo-variance of the phasor sum when each angle is redrawn from N(a, s^2). The
+        sum over many particles is Gaussian, so a redraw of a unit's sum is drawn from them.
+    """
 
     name: str
-    values: np.ndarray  #: (particle, frame): complex phasors for "resultant", real for "mean"
-    kind: str  #: "resultant" (|mean phasor|, species-wise) or "mean"
-    species: np.ndarray
-    groups: np.ndarray | None = None  #: bootstrap unit of each particle (spatial tile); None = each particle
+    kind: str  #: "resultant" (species-wise |mean phasor|, count-weighted) or "mean" (species pooled)
+    total: np.ndarray
+    count: np.ndarray
+    n_trajectories: int
+    shrunk: np.ndarray | None = None
+    variance: np.ndarray | None = None
+    pseudo: np.ndarray | None = None
 
-    def series(self, rows: np.ndarray | None = None) -> np.ndarray:
-        v = self.values if rows is None else self.values[rows]
-        s = self.species if rows is None else self.species[rows]
-        return _resultant_signal(v, s) if self.kind == "resultant" else _mean_signal(v, s)
+    @property
+    def n_units(self) -> int:
+        return self.total.shape[0]
+
+    debias: bool = False  #: fit |<u>| without its noise floor: sqrt(max(0, |sum u|^2 - count)) per species
+
+    def _combine(self, total: np.ndarray, count: np.ndarray) -> np.ndarray:
+        if self.kind == "resultant" and self.debias:
+            # N random phasors have |sum|^2 = N on average: the floor sqrt(pi / 4N) of |<u>|
+            # hides the start of an ordering and drags a fitted step late.
+            num = np.sqrt(np.maximum(np.abs(total) ** 2 - count, 0.0)).sum(axis=-2)
+        elif self.kind == "resultant":
+            num = np.abs(total).sum(axis=-2)
+        else:
+            num = np.real(total).sum(axis=-2)
+        den = count.sum(axis=-2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+    def series(self) -> np.ndarray:
+        """The signal of all trajectories, (frame,)."""
+        return self._combine(self.total.sum(axis=0), self.count.sum(axis=0))
+
+    def expected_series(self) -> np.ndarray:
+        """The signal's mean over redraws of the angles within their posterior (= :meth:`series` without spreads)."""
+        if self.shrunk is None:
+            return self.series()
+        return self._combine(self.shrunk.sum(axis=0), self.count.sum(axis=0))
+
+    def resampled(self, weights: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The signal of resampled units, (resample, frame).
+
+        ``weights`` (resample, unit) are the multiplicities of each unit in each resample;
+        with ``rng`` (and spreads) every angle is also redrawn within its posterior.
+        """
+        w = np.asarray(weights, dtype=float)
+        count = np.einsum("bg,gsf->bsf", w, self.count)
+        if rng is None or self.shrunk is None:
+            return self._combine(np.einsum("bg,gsf->bsf", w, self.total), count)
+        total = np.einsum("bg,gsf->bsf", w, self.shrunk)
+        total = total + _complex_normal(np.einsum("bg,gsf->bsf", w, self.variance),
+                                        np.einsum("bg,gsf->bsf", w, self.pseudo), rng)
+        return self._combine(total, count)
+
+
+def phasor_signal(name: str, theta: np.ndarray, order: np.ndarray, species: np.ndarray, units: np.ndarray,
+                  n_units: int, n_species: int, *, angle_sd: np.ndarray | None = None,
+                  chunk: int = 4096) -> Signal:
+    """Signal ``S = |<exp(i m angle)>|`` (species-wise, count-weighted) built in chunks of trajectories.
+
+    Parameters
+    ----------
+    theta : array (particle, frame)
+        Angles, rad (NaN = absent).
+    order : int array (particle,)
+        Order ``m`` of each trajectory; 0 leaves it out (isotropic particles have no angle).
+    species, units : int arrays (particle,)
+        Species index and bootstrap unit of each trajectory.
+    angle_sd : array (particle, frame), optional
+        Posterior sd of each angle, rad (NaN = not known: that angle is not redrawn).
+    chunk : int
+        Trajectories processed at once (memory ``chunk x frames``).
+    """
+    n_p, n_f = theta.shape
+    shape = (n_units * n_species, n_f)
+    total = np.zeros(shape, dtype=complex)
+    count = np.zeros(shape)
+    spread = angle_sd is not None
+    shrunk = np.zeros(shape, dtype=complex) if spread else None
+    variance = np.zeros(shape) if spread else None
+    pseudo = np.zeros(shape, dtype=complex) if spread else None
+    m_all = np.asarray(order, dtype=float)
+    for lo in range(0, n_p, chunk):
+        hi = min(n_p, lo + chunk)
+        m = m_all[lo:hi, None]
+        th = np.asarray(theta[lo:hi], dtype=float)
+        valid = np.isfinite(th) & (m > 0)
+        u = np.where(valid, np.exp(1j * m * np.where(valid, th, 0.0)), 0.0)
+        S = _unit_matrix(units[lo:hi] * n_species + species[lo:hi], shape[0])
+        total += S @ u
+        count += S @ valid.astype(float)
+        if spread:
+            sd = np.asarray(angle_sd[lo:hi], dtype=float)
+            a = np.where(valid & np.isfinite(sd), np.exp(-0.5 * (m * np.nan_to_num(sd)) ** 2), 1.0)
+            a = np.where(valid, a, 0.0)
+            shrunk += S @ (u * a)
+            variance += S @ np.where(valid, 1.0 - a ** 2, 0.0)
+            pseudo += S @ (u ** 2 * (a ** 4 - a ** 2))
+    n_traj = int(np.isfinite(theta).any(axis=1)[np.asarray(order) > 0].sum())
+
+    def cube(v):
+        return None if v is None else v.reshape(n_units, n_species, n_f)
+
+    return Signal(name, "resultant", cube(total), cube(count), n_traj, cube(shrunk), cube(variance), cube(pseudo))
+
+
+def bootstrap_units(tiles: np.ndarray | None, n_particles: int) -> tuple[np.ndarray, int]:
+    """Bootstrap unit of every trajectory: its spatial tile, or itself when fewer than 4 tiles are occupied.
+
+    Trajectories without a position (tile -1) form a unit of their own.
+    """
+    if tiles is not None:
+        occupied, units = np.unique(tiles, return_inverse=True)
+        if (occupied >= 0).sum() >= 4:
+            return units.astype(int), len(occupied)
+    return np.arange(n_particles), n_particles
 
 
 def estimate_transition(
@@ -615,154 +699,252 @@ def estimate_transition(
     min_frames: int = 10,
     min_particles: int = 5,
     min_delta_bic: float = 10.0,
-    model: str = "saturating",
+    model: str = "logistic",
+    changepoint_tolerance: float = 3.0,
+    resample_angles: bool = True,
     rng: np.random.Generator | None = None,
 ) -> dict[str, Any]:
-    """Fit a logistic step to a per-frame signal, with a bootstrap interval over particles.
+    """Fit a step to a per-frame signal, cross-check it with a change point, and bootstrap an interval.
 
     Parameters
     ----------
     signal : Signal
-        The order parameter, built from per-particle values.
+        The order parameter, as sums per bootstrap unit.
     frames : array (frame,)
         Frame numbers.
     n_boot : int
-        Bootstrap resamples of whole trajectories (0 = no interval), grouped by
-        ``signal.groups`` (spatial tiles) when given: neighbours order together, so
-        resampling single particles would understate the uncertainty.
+        Resamples (0 = no interval). Each draws the units (spatial tiles of trajectories, or
+        single trajectories) with replacement and, with ``resample_angles``, redraws every angle
+        within its posterior sd, so the interval holds both the sampling of particles and the
+        uncertainty of each angle.
     confidence : float
-        Coverage of the percentile interval.
+        Coverage of the interval.
     min_frames, min_particles : int
         Below these the fit is skipped and ``note`` says why.
     min_delta_bic : float
-        A step counts as a transition when the logistic beats a constant by this much BIC
-        and ``t_c`` lies strictly inside the movie.
+        Evidence (BIC over the effective number of frames) a step needs over a constant.
+    model : {"logistic", "saturating"}
+        The step fitted (see :func:`ramp`); ``saturating`` is the AFM-on-mica model.
+    changepoint_tolerance : float
+        A step counts as a transition only when the single change point in the mean lies
+        within ``max(changepoint_tolerance, 2 width)`` frames of the order parameter's own
+        (logistic) midpoint: a drift or a lone outlier frame fits a step but has no abrupt
+        change at its centre.
 
     Returns
     -------
     dict
-        ``frame`` (t_c in frames, NaN when none), ``low``/``high`` (interval, frames),
-        ``width`` (frames), ``level_before``/``level_after``, ``delta_bic``,
-        ``changepoint_frame``, ``detected`` (bool), ``n_boot`` (successful resamples),
-        ``note`` ('' when all went well).
+        ``frame`` (t_c in frames; NaN when no transition), ``low``/``high`` (interval, frames;
+        NaN when no transition), ``width`` (frames), ``level_before``/``level_after``,
+        ``delta_bic``, ``changepoint_frame``, ``logistic_frame`` (the order parameter's own
+        midpoint), ``changepoint_agrees`` (bool), ``detected`` (bool), ``n_boot`` (successful
+        resamples), ``note`` ('' when a transition was found).
     """
     rng = rng or np.random.default_rng(0)
     frames = np.asarray(frames, dtype=float)
+    if signal.kind == "resultant":
+        signal = dataclasses.replace(signal, debias=True)
     y = signal.series()
-    out: dict[str, Any] = {"signal": signal.name, "frame": math.nan, "low": math.nan, "high": math.nan,
-                           "width": math.nan, "level_before": math.nan, "level_after": math.nan,
-                           "delta_bic": math.nan, "changepoint_frame": math.nan, "detected": False,
+    out: dict[str, Any] = {"signal": signal.name, "model": model, "frame": math.nan, "low": math.nan,
+                           "high": math.nan, "width": math.nan, "saturation": math.nan, "level_before": math.nan,
+                           "level_after": math.nan, "delta_bic": math.nan, "changepoint_frame": math.nan,
+                           "logistic_frame": math.nan, "changepoint_agrees": False, "detected": False,
                            "n_boot": 0, "note": ""}
     n_valid_frames = int(np.isfinite(y).sum())
-    n_particles = int(np.isfinite(signal.values).any(axis=1).sum())
-    if n_valid_frames < min_frames or n_particles < min_particles:
+    if n_valid_frames < min_frames or signal.n_trajectories < min_particles:
         out["note"] = (f"{signal.name}: no transition fit: {n_valid_frames} frame(s) with data and "
-                       f"{n_particles} particle(s); need at least {min_frames} frames and {min_particles} particles")
+                       f"{signal.n_trajectories} particle(s); need at least {min_frames} frames and "
+                       f"{min_particles} particles")
         return out
     out["changepoint_frame"] = change_point(frames, y)
     fit = fit_logistic(frames, y, model)
     if fit is None:
-        out["note"] = f"{signal.name}: the logistic fit did not converge"
+        out["note"] = f"{signal.name}: the step fit did not converge"
         return out
+    plain = fit if model == "logistic" else fit_logistic(frames, y, "logistic")
     out.update(frame=fit.t_c, width=fit.width, saturation=fit.saturation, level_before=fit.low,
-               level_after=fit.high, delta_bic=fit.delta_bic, model=model)
+               level_after=fit.high, delta_bic=fit.delta_bic,
+               logistic_frame=plain.t_c if plain is not None else math.nan)
     edge = fit.t_c - frames.min() < 0.5 or frames.max() - fit.t_c < 0.5
     rising = fit.high > fit.low
-    out["detected"] = bool(fit.delta_bic >= min_delta_bic and not edge and rising)
+    if plain is not None and np.isfinite(out["changepoint_frame"]):
+        tolerance = max(float(changepoint_tolerance), 2.0 * plain.width)
+        out["changepoint_agrees"] = bool(abs(out["changepoint_frame"] - plain.t_c) <= tolerance)
+    out["detected"] = bool(fit.delta_bic >= min_delta_bic and not edge and rising and out["changepoint_agrees"])
     if not rising:
         out["note"] = f"{signal.name}: no ordering transition detected (the best step lowers the order)"
     elif fit.delta_bic < min_delta_bic:
-        out["note"] = (f"{signal.name}: no transition detected (a logistic step beats a constant by "
+        out["note"] = (f"{signal.name}: no transition detected (a step beats a constant by "
                        f"delta BIC {fit.delta_bic:.1f} < {min_delta_bic:g})")
     elif edge:
         out["note"] = f"{signal.name}: no transition detected (the fitted step lies at the edge of the movie)"
-    rows_all = np.flatnonzero(np.isfinite(signal.values).any(axis=1))
-    t_boot = np.array([])
-    if n_boot > 0:
-        if signal.groups is None:
-            groups = [np.array([r]) for r in rows_all]
-        else:
-            groups = [rows_all[signal.groups[rows_all] == g] for g in np.unique(signal.groups[rows_all])]
-        if len(groups) < 4:  # too few tiles to resample: fall back to single trajectories
-            groups = [np.array([r]) for r in rows_all]
-
-        def resample():
-            picks = rng.integers(0, len(groups), len(groups))
-            return np.concatenate([groups[g] for g in picks])
-
-        Y = np.stack([signal.series(resample()) for _ in range(n_boot)])
-        tcb, *_, rssb = fit_logistic_many(frames, Y, model)
-        t_boot = tcb[np.isfinite(rssb)]
-    out["n_boot"] = len(t_boot)
-    if len(t_boot) >= 10:
-        a = (1 - confidence) / 2
-        # Basic-shift percentile interval: the resamples are fitted on the grid only, so their
-        # spread is taken relative to the grid fit of the full data and centred on the polished
-        # estimate (the grid's discreteness then shifts neither end).
-        lo, hi = fit.t_c + np.quantile(t_boot - fit.grid_t_c, [a, 1 - a])
-        # Frames are sampled once per frame: an interval narrower than the sampling cannot be
-        # resolved, so it is widened to at least +-0.5 frame around the estimate.
-        out["low"] = float(min(lo, fit.t_c - 0.5))
-        out["high"] = float(max(hi, fit.t_c + 0.5))
+    elif not out["changepoint_agrees"]:
+        out["note"] = (f"{signal.name}: no transition detected (the change point, frame "
+                       f"{out['changepoint_frame']:.1f}, disagrees with the step's midpoint "
+                       f"{out['logistic_frame']:.1f})")
     if not out["detected"]:
         out["frame"] = math.nan
+        return out
+    if n_boot > 0:
+        picks = rng.integers(0, signal.n_units, (n_boot, signal.n_units))
+        weights = np.stack([np.bincount(p, minlength=signal.n_units) for p in picks])
+        Y = signal.resampled(weights, rng if resample_angles else None)
+        tcb, *_, rssb = fit_logistic_many(frames, Y, model)
+        t_boot = tcb[np.isfinite(rssb)]
+        # The resamples are fitted on the grid only, so their spread is taken relative to the
+        # grid fit of the signal they scatter around (with the angles' posterior shrinkage when
+        # they are redrawn) and centred on the polished estimate: the grid's discreteness and
+        # the shrinkage then shift neither end.
+        reference = signal.expected_series() if resample_angles else y
+        ref_tc = float(fit_logistic_many(frames, reference[None, :], model)[0][0]) if resample_angles \
+            else fit.grid_t_c
+        out["n_boot"] = len(t_boot)
+        if len(t_boot) >= 10:
+            a = (1 - confidence) / 2
+            # Basic (reflected) bootstrap interval: a resample's bias relative to the data mirrors
+            # the estimate's bias relative to the truth (for instance the noise floor of |<u>|,
+            # which duplicated trajectories raise), so the quantiles are reflected about it.
+            lo, hi = fit.t_c - np.quantile(t_boot - ref_tc, [1 - a, a])
+            # One sample per frame cannot resolve an interval narrower than the sampling.
+            out["low"] = float(min(lo, fit.t_c - 0.5))
+            out["high"] = float(max(hi, fit.t_c + 0.5))
     return out
 
 
 # --------------------------------------------------------------------------- species
 
 
-def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: dict[str, Any]
-                   ) -> tuple[np.ndarray, list[dict[str, Any]], str]:
+#: Symmetry order assumed (with a note) when neither the config nor the latents give one.
+ASSUMED_SYMMETRY = 2
+
+
+def _as_order(value) -> int | None:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        return None
+    return n if n >= 0 and float(value) == n else None
+
+
+def species_from_attrs(attrs: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The species table the encode stage records in ``latents.zarr`` attrs, read defensively.
+
+    Accepts ``species`` (a list, or JSON text of a list, of ``{"name", "symmetry", "cls"}``;
+    symmetry 0 = isotropic), ``species_symmetry`` (``{name: n}`` or a list of n) or a plain
+    ``symmetry`` (one n, or a list). Returns None when none is present or readable.
+    """
+    def load(value):
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError:
+                return None
+        return value
+
+    for key in ("species", "species_symmetry", "symmetry"):
+        value = load(attrs.get(key))
+        if value is None or value == "" or value == []:
+            continue
+        if isinstance(value, dict):
+            value = [{"name": str(k), "symmetry": v} for k, v in value.items()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        table = []
+        for k, entry in enumerate(value):
+            if isinstance(entry, dict):
+                n = _as_order(entry.get("symmetry", entry.get("symmetry_order", entry.get("n"))))
+                row = {"name": str(entry.get("name", f"species{k}")), "symmetry": n}
+                cls = entry.get("cls", entry.get("label"))
+                if cls is not None and cls != "":
+                    row["cls"] = cls
+            else:
+                row = {"name": f"species{k}" if len(value) > 1 else "particle", "symmetry": _as_order(entry)}
+            if row["symmetry"] is None:
+                break
+            table.append(row)
+        else:
+            if table:
+                return table
+    return None
+
+
+def _particle_classes(latents: xr.Dataset, tracks: pd.DataFrame | None) -> np.ndarray | None:
+    """The class of every trajectory: ``cls(particle)`` of the latents, else the majority ``cls`` in the tracks."""
+    if "cls" in latents.variables and latents["cls"].dims == ("particle",):
+        return np.asarray(latents["cls"].values)
+    if tracks is not None and "cls" in tracks.columns and "particle" in tracks.columns:
+        majority = tracks.groupby("particle")["cls"].agg(lambda s: s.mode().iloc[0] if len(s.mode()) else np.nan)
+        return majority.reindex(latents["particle"].values).to_numpy()
+    return None
+
+
+def _class_key(value) -> str:
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return str(value)
+
+
+def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: dict[str, Any],
+                   notes: list[str] | None = None) -> tuple[np.ndarray, list[dict[str, Any]], str]:
     """Species index of every trajectory, the species table, and how it was assigned.
+
+    The table is, in order of precedence: ``dynamics.species`` of the config; the species the
+    encode stage recorded in the latents' attrs (:func:`species_from_attrs`); one species of
+    order ``dynamics.symmetry``, else of the order recorded in the latents, else of order
+    :data:`ASSUMED_SYMMETRY` with a note saying so. Symmetry 0 means isotropic (no angle).
+
+    A class value (``cls``) that matches no species is an error naming it: counting it as
+    some species would mix particles silently.
 
     Returns
     -------
     species : int array (particle,)
-    table : list of {"name", "symmetry"}
+    table : list of {"name", "symmetry", "source"}
     method : str
         "single", "cls" or "gmm".
     """
-    listed = settings.get("species") or []
+    notes = notes if notes is not None else []
     n_particles = latents.sizes["particle"]
+    listed, source = settings.get("species") or [], "config"
     if not listed:
-        return np.zeros(n_particles, dtype=int), [{"name": "particle", "symmetry": int(settings["symmetry"])}], "single"
-    table = [{"name": s.get("name", f"species{k}"), "symmetry": int(s["symmetry"])} for k, s in enumerate(listed)]
-    if len(listed) == 1:
+        recorded = species_from_attrs(latents.attrs)
+        if settings.get("symmetry") is not None:
+            listed, source = [{"name": "particle", "symmetry": int(settings["symmetry"])}], "config"
+        elif recorded:
+            listed, source = recorded, "latents"
+        else:
+            listed, source = [{"name": "particle", "symmetry": ASSUMED_SYMMETRY}], "assumed"
+            notes.append(f"symmetry order unknown (no dynamics.symmetry and none recorded in the latents): "
+                         f"n = {ASSUMED_SYMMETRY} assumed, angles compared modulo pi; set dynamics.symmetry")
+    table = [{"name": str(s.get("name", f"species{k}")), "symmetry": int(s["symmetry"]), "source": source}
+             for k, s in enumerate(listed)]
+    if len(table) == 1:
         return np.zeros(n_particles, dtype=int), table, "single"
-    cls = None
-    if settings["species_from"] in ("auto", "cls"):
-        if "cls" in latents.variables and latents["cls"].dims == ("particle",):
-            cls = np.asarray(latents["cls"].values)
-        elif tracks is not None and "cls" in tracks.columns and "particle" in tracks.columns:
-            majority = tracks.groupby("particle")["cls"].agg(lambda s: s.mode().iloc[0] if len(s.mode()) else np.nan)
-            cls = majority.reindex(latents["particle"].values).to_numpy()
-        elif settings["species_from"] == "cls":
-            raise InputError("latents.zarr / tracks.parquet: dynamics.species_from is 'cls' but neither has a "
-                             "'cls' variable/column giving each particle's class")
+    cls = _particle_classes(latents, tracks) if settings["species_from"] in ("auto", "cls") else None
+    if cls is None and settings["species_from"] == "cls":
+        raise InputError("latents.zarr / tracks.parquet: dynamics.species_from is 'cls' but neither has a "
+                         "'cls' variable/column giving each particle's class")
     if cls is not None:
-        species = np.zeros(n_particles, dtype=int)
-        keys = [s.get("cls", k) for k, s in enumerate(listed)]
-        lookup = {str(k): idx for idx, k in enumerate(keys)}
-        unknown = set()
-        for p, c in enumerate(cls):
-            key = str(int(c)) if isinstance(c, (int, float, np.integer, np.floating)) and np.isfinite(c) else str(c)
-            if key in lookup:
-                species[p] = lookup[key]
-            else:
-                unknown.add(key)
+        keys = [_class_key(s.get("cls", k)) for k, s in enumerate(listed)]
+        lookup = {key: idx for idx, key in enumerate(keys)}
+        labels = np.array([_class_key(c) for c in cls], dtype=object)
+        unknown = sorted(set(labels) - set(lookup))
         if unknown:
-            log.warning("cls value(s) %s match no listed species; those particles are counted as %s",
-                        ", ".join(sorted(unknown)), table[0]["name"])
-        return species, table, "cls"
+            where = "dynamics.species" if source == "config" else "the species recorded in latents.zarr"
+            raise InputError(f"latents.zarr / tracks.parquet: cls value(s) {', '.join(unknown)} of "
+                             f"{int(np.isin(labels, unknown).sum())} trajectories match no species of {where} "
+                             f"(cls values {', '.join(keys)}); list a species for each class")
+        return np.array([lookup[c] for c in labels], dtype=int), table, "cls"
     if "z" not in latents.variables:
         raise InputError("latents.zarr: several species are configured but there is no 'cls' and no 'z' "
                          "to tell them apart")
     from sklearn.mixture import GaussianMixture
 
-    z = np.asarray(latents["z"].values, dtype=float)
-    with np.errstate(invalid="ignore"):
-        zmean = np.nanmean(z, axis=1)
+    z = latents["z"].transpose("particle", "frame", "latent")
+    with np.errstate(invalid="ignore"), _quiet():
+        zmean = np.asarray(z.mean("frame", skipna=True).values, dtype=float)
     ok = np.isfinite(zmean).all(axis=1)
     species = np.zeros(n_particles, dtype=int)
     if ok.sum() < len(table):
@@ -795,9 +977,11 @@ def _tiles(mean_x: np.ndarray, mean_y: np.ndarray, per_side: int) -> np.ndarray 
     ok = np.isfinite(mean_x) & np.isfinite(mean_y)
     if not ok.any():
         return None
+
     def index(v):
         lo, hi = np.nanmin(v[ok]), np.nanmax(v[ok])
         return np.clip(((v - lo) / max(hi - lo, 1e-9) * per_side).astype(int, copy=False), 0, per_side - 1)
+
     with np.errstate(invalid="ignore"):
         tiles = index(np.where(ok, mean_x, 0.0)) * per_side + index(np.where(ok, mean_y, 0.0))
     return np.where(ok, tiles, -1)
@@ -809,164 +993,299 @@ def _tracks_matrix(tracks: pd.DataFrame, column: str, particles: np.ndarray, fra
     return pivot.reindex(index=particles, columns=frames).to_numpy(dtype=float)
 
 
-def compute_dynamics(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: dict[str, Any]) -> xr.Dataset:
-    """Ensemble statistics, order parameters, rotational dynamics and the transition of one movie.
+def _lcm_orders(symmetry: np.ndarray, order: int) -> np.ndarray:
+    """``lcm(n, order)`` of every n, 0 where n is 0 (isotropic: no angle to take an order of)."""
+    n = np.asarray(symmetry, dtype=int)
+    return np.where(n > 0, np.lcm(np.maximum(n, 1), int(order)), 0)
 
-    Parameters
-    ----------
-    latents : xarray.Dataset
-        ``angle`` (rad), ``x``, ``y`` (px) on (particle, frame); optionally ``z`` (particle,
-        frame, latent), ``dx``, ``dy`` (px), ``cls(particle)``; attrs ``frame_interval`` (s),
-        ``pixel_size``, ``pixel_unit``.
-    tracks : pandas.DataFrame, optional
-        Trajectories (``frame``, ``x``, ``y``, ``particle``); an ``orientation`` column (rad,
-        image-moment angle) gives the classical orientational order for comparison.
-    settings : dict
-        The validated ``dynamics`` config section.
 
-    Returns
-    -------
-    xarray.Dataset
-        On ``frame`` (with ``time`` in s): counts, latent means/spreads/quantiles, circular
-        statistics, order parameters, histograms; on ``particle``: species, unwrapped angle,
-        angular velocity, local order, diffusion coefficients; on ``lag``: MSDs; on ``r``:
-        g(r) at early/middle/late frames. The transition estimate is in ``attrs``.
+def _frame_chunks(n_frames: int, per_frame: int, budget: int = 4_000_000):
+    """Slices of frames holding at most about ``budget`` values when each frame holds ``per_frame``."""
+    step = max(1, budget // max(per_frame, 1))
+    for lo in range(0, n_frames, step):
+        yield slice(lo, min(n_frames, lo + step))
+
+
+@dataclass
+class Movie:
+    """One movie's trajectories on (particle, frame) and what every step needs to know about them."""
+
+    frames: np.ndarray
+    particles: np.ndarray
+    theta: np.ndarray  #: (particle, frame) rad; NaN where absent, for isotropic species and without angles
+    angle_sd: np.ndarray | None  #: posterior sd of theta, rad (None = not recorded)
+    x: np.ndarray  #: (particle, frame) px, NaN where absent
+    y: np.ndarray
+    present: np.ndarray  #: (particle, frame) bool: a position in this frame
+    species: np.ndarray  #: (particle,) index into ``table``
+    table: list[dict[str, Any]]  #: {"name", "symmetry" (0 = isotropic), "source"}
+    species_method: str
+    symmetry: np.ndarray  #: (particle,) n of the particle's species
+    units: np.ndarray  #: (particle,) bootstrap unit
+    n_units: int
+    angles: str  #: "rVAE", "absent" (all NaN) or "constant" (one value: no pose)
+    dt: float
+    time_unit: str
+    frame_interval: float | None
+    pixel_size: float
+    pixel_unit: str
+    chunk: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def oriented(self) -> np.ndarray:
+        """(particle,) bool: the particle has an angle that means something (species not isotropic, angles present)."""
+        return (self.symmetry > 0) & (self.angles == "rVAE")
+
+    @property
+    def n_species(self) -> int:
+        return len(self.table)
+
+
+def prepare_movie(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: dict[str, Any]) -> Movie:
+    """Arrays on (particle, frame), units, species, symmetry orders and bootstrap units of one movie.
+
+    A trajectory is present in a frame when it has a position there. Angles that are all NaN
+    (a pose-less model) or all one value (a model that stores no pose) are "no angles": the
+    angle-based order parameters, rotational dynamics and the angle-based transition fit are
+    then skipped with a note, never reported as order.
     """
     notes: list[str] = []
-    rng = np.random.default_rng(int(settings["seed"]))
     frames = np.asarray(latents["frame"].values) if "frame" in latents.coords else np.arange(latents.sizes["frame"])
-    particles = np.asarray(latents["particle"].values) if "particle" in latents.coords else np.arange(latents.sizes["particle"])
-    theta = np.asarray(latents["angle"].transpose("particle", "frame").values, dtype=float)
-    x = np.asarray(latents["x"].transpose("particle", "frame").values, dtype=float)
-    y = np.asarray(latents["y"].transpose("particle", "frame").values, dtype=float)
-    present = np.isfinite(theta) & np.isfinite(x) & np.isfinite(y)
-    theta = np.where(present, theta, np.nan)
-    n_p, n_f = theta.shape
+    particles = (np.asarray(latents["particle"].values) if "particle" in latents.coords
+                 else np.arange(latents.sizes["particle"]))
+
+    def grid(name):
+        return np.asarray(latents[name].transpose("particle", "frame").values, dtype=float)
+
+    x, y = grid("x"), grid("y")
+    present = np.isfinite(x) & np.isfinite(y)
+    theta = np.where(present, grid("angle"), np.nan)
+    finite = theta[np.isfinite(theta)]
+    angles = "rVAE"
+    if finite.size == 0:
+        angles = "absent"
+        notes.append("no angles: the latents hold no finite angle (a pose-less model); angle-based order "
+                     "parameters, rotational diffusion and the angle-based transition fit are skipped")
+    elif finite.size > 1 and np.ptp(finite) == 0:
+        angles = "constant"
+        notes.append(f"no angles: every angle in the latents is {finite[0]:g} (a model without pose); "
+                     "angle-based order parameters, rotational diffusion and the angle-based transition fit are skipped")
+    angle_sd = None
+    if "angle_sd" in latents.variables and settings.get("resample_angles", True):
+        angle_sd = np.where(present, grid("angle_sd"), np.nan)
 
     frame_interval = _attr_number(latents.attrs, "frame_interval")
     pixel_size = _attr_number(latents.attrs, "pixel_size")
     pixel_unit = latents.attrs.get("pixel_unit") or "px"
     if pixel_size is None:
         pixel_size, pixel_unit = 1.0, "px"
-    dt = frame_interval or 1.0
-    time_unit = "s" if frame_interval else "frame"
     if not frame_interval:
         notes.append("frame_interval unknown: times and rates are per frame")
 
-    species, table, species_method = assign_species(latents, tracks, settings)
-    n_sym = np.array([table[s]["symmetry"] for s in species], dtype=int)
-    reg = int(settings["registry_order"])
-    m_reg = np.array([reg * n // math.gcd(reg, n) for n in n_sym], dtype=int)  # lcm: defined for n-fold axes
+    species, table, method = assign_species(latents, tracks, settings, notes)
+    symmetry = np.array([table[s]["symmetry"] for s in species], dtype=int)
+    for spec in table:
+        if spec["symmetry"] == 0:
+            notes.append(f"{spec['name']}: isotropic (symmetry 0): no orientation, so no angle-based order "
+                         "parameter and no rotational diffusion")
+    theta = np.where((symmetry > 0)[:, None] & (angles == "rVAE"), theta, np.nan)
+    with _quiet():
+        mean_x = np.nanmean(np.where(present, x, np.nan), axis=1)
+        mean_y = np.nanmean(np.where(present, y, np.nan), axis=1)
+    units, n_units = bootstrap_units(_tiles(mean_x, mean_y, int(settings["bootstrap_tiles"])), len(particles))
+    return Movie(frames=frames, particles=particles, theta=theta, angle_sd=angle_sd, x=x, y=y, present=present,
+                 species=species, table=table, species_method=method, symmetry=symmetry, units=units,
+                 n_units=n_units, angles=angles, dt=frame_interval or 1.0,
+                 time_unit="s" if frame_interval else "frame", frame_interval=frame_interval,
+                 pixel_size=pixel_size, pixel_unit=pixel_unit, chunk=int(settings["chunk"]), notes=notes)
 
-    ds = xr.Dataset(coords={"frame": frames, "particle": particles})
-    ds = ds.assign_coords(time=("frame", frames * dt))
-    ds["time"].attrs.update(units=time_unit, long_name="time since frame 0")
-    ds["species"] = ("particle", species)
+
+def frame_counts(movie: Movie) -> xr.Dataset:
+    """Coordinates (``frame``, ``time``, ``particle``), species and symmetry per trajectory, counts."""
+    ds = xr.Dataset(coords={"frame": movie.frames, "particle": movie.particles})
+    ds = ds.assign_coords(time=("frame", movie.frames * movie.dt))
+    ds["time"].attrs.update(units=movie.time_unit, long_name="time since frame 0")
+    ds["species"] = ("particle", movie.species)
     ds["species"].attrs["description"] = "species index (see attrs species)"
-    ds["symmetry"] = ("particle", n_sym)
-    ds["n_particles"] = ("frame", present.sum(axis=0).astype(int))
-    ds["track_length"] = ("particle", present.sum(axis=1).astype(int))
+    ds["symmetry"] = ("particle", movie.symmetry)
+    ds["symmetry"].attrs["description"] = "rotational symmetry order n of the trajectory's species (0 = isotropic)"
+    ds["n_particles"] = ("frame", movie.present.sum(axis=0).astype(int))
+    ds["track_length"] = ("particle", movie.present.sum(axis=1).astype(int))
+    return ds
 
-    # ---- latents: mean, spread, quantiles, histograms
+
+def latent_statistics(movie: Movie, latents: xr.Dataset, settings: dict[str, Any]) -> xr.Dataset:
+    """Per-frame mean, spread, quantiles and histograms of every content latent, means of ``dx``, ``dy``.
+
+    Computed in chunks of frames (all trajectories of a frame are needed for its quantiles).
+    """
+    ds = xr.Dataset(coords={"frame": movie.frames})
+    n_p, n_f = movie.present.shape
     quantiles = np.asarray(settings["quantiles"], dtype=float)
     bins = int(settings["histogram_bins"])
     if "z" in latents.variables:
-        z = np.asarray(latents["z"].transpose("particle", "frame", "latent").values, dtype=float)
-        z = np.where(present[..., None], z, np.nan)
-        n_lat = z.shape[2]
+        z_all = latents["z"].transpose("particle", "frame", "latent")
+        n_lat = z_all.sizes["latent"]
         lat_coord = np.asarray(latents["latent"].values) if "latent" in latents.coords else np.arange(n_lat)
         ds = ds.assign_coords(latent=lat_coord, quantile=quantiles)
-        with np.errstate(invalid="ignore"), _quiet():
-            ds["z_mean"] = (("frame", "latent"), np.nanmean(z, axis=0))
-            ds["z_sd"] = (("frame", "latent"), np.nanstd(z, axis=0, ddof=1) if n_p > 1 else np.full((n_f, n_lat), np.nan))
-            ds["z_quantile"] = (("frame", "latent", "quantile"), np.moveaxis(np.nanquantile(z, quantiles, axis=0), 0, -1))
         edges = np.empty((n_lat, bins + 1))
-        hist = np.zeros((n_f, n_lat, bins), dtype=np.int32)
         for k in range(n_lat):
-            vals = z[..., k][np.isfinite(z[..., k])]
+            # Histogram edges from a subsample of the values: the range, not the exact extremes.
+            sample = np.asarray(z_all.isel(latent=k, frame=slice(None, None, max(1, n_f // 64))).values, dtype=float)
+            vals = sample[np.isfinite(sample)]
             lo, hi = (np.quantile(vals, [0.005, 0.995]) if vals.size else (0.0, 1.0))
             if hi <= lo:
                 lo, hi = lo - 0.5, hi + 0.5
             edges[k] = np.linspace(lo, hi, bins + 1)
-            for f in range(n_f):
-                col = z[:, f, k]
-                hist[f, k] = np.histogram(col[np.isfinite(col)], edges[k])[0]
+        mean = np.full((n_f, n_lat), np.nan)
+        sd = np.full((n_f, n_lat), np.nan)
+        quant = np.full((n_f, n_lat, len(quantiles)), np.nan)
+        hist = np.zeros((n_f, n_lat, bins), dtype=np.int32)
+        for sl in _frame_chunks(n_f, n_p * n_lat):
+            z = np.asarray(z_all.isel(frame=sl).values, dtype=float)
+            z = np.where(movie.present[:, sl, None], z, np.nan)
+            with np.errstate(invalid="ignore"), _quiet():
+                mean[sl] = np.nanmean(z, axis=0)
+                if n_p > 1:
+                    sd[sl] = np.nanstd(z, axis=0, ddof=1)
+                quant[sl] = np.moveaxis(np.nanquantile(z, quantiles, axis=0), 0, -1)
+            for j, f in enumerate(range(sl.start, sl.stop)):
+                for k in range(n_lat):
+                    col = z[:, j, k]
+                    hist[f, k] = np.histogram(col[np.isfinite(col)], edges[k])[0]
+        ds["z_mean"] = (("frame", "latent"), mean)
+        ds["z_sd"] = (("frame", "latent"), sd)
+        ds["z_quantile"] = (("frame", "latent", "quantile"), quant)
         ds["z_hist"] = (("frame", "latent", "z_bin"), hist)
         ds["z_hist_edges"] = (("latent", "z_edge"), edges)
     for name in ("dx", "dy"):
         if name in latents.variables:
-            v = np.where(present, np.asarray(latents[name].transpose("particle", "frame").values, dtype=float), np.nan)
+            v = np.where(movie.present, np.asarray(latents[name].transpose("particle", "frame").values, dtype=float), np.nan)
             with _quiet():
                 ds[f"{name}_mean"] = ("frame", np.nanmean(v, axis=0))
                 ds[f"{name}_sd"] = ("frame", np.nanstd(v, axis=0))
             ds[f"{name}_mean"].attrs["units"] = "px"
+    return ds
 
-    # ---- circular statistics per species
-    sp_names = [s["name"] for s in table]
-    ds = ds.assign_coords(species_name=("species_index", np.array(sp_names, dtype=object)))
+
+def circular_statistics(movie: Movie, settings: dict[str, Any]) -> xr.Dataset:
+    """Per frame and species: mean direction, resultant length (S_n), count and histogram of ``n * angle``."""
+    bins = int(settings["histogram_bins"])
+    n_f, n_s = len(movie.frames), movie.n_species
+    ds = xr.Dataset(coords={"frame": movie.frames})
+    ds = ds.assign_coords(species_name=("species_index", np.array([s["name"] for s in movie.table], dtype=object)))
     phase_edges = np.linspace(0, 2 * np.pi, bins + 1)
     ds = ds.assign_coords(phase=("phase_bin", 0.5 * (phase_edges[1:] + phase_edges[:-1])))
     ds["phase"].attrs.update(units="rad", description="n*angle mod 2 pi (bin centre); canonical angle = phase / n")
-    mean_dir = np.full((n_f, len(table)), np.nan)
-    resultant = np.full((n_f, len(table)), np.nan)
-    counts = np.zeros((n_f, len(table)), dtype=int)
-    angle_hist = np.zeros((n_f, len(table), bins), dtype=np.int32)
-    for s, spec in enumerate(table):
-        rows = species == s
-        if not rows.any():
+    sig = phasor_signal("S_n", movie.theta, movie.symmetry, movie.species, np.zeros(len(movie.particles), dtype=int),
+                        1, n_s, chunk=movie.chunk)
+    total, counts = sig.total[0].T, sig.count[0].T.astype(int)  # (frame, species)
+    n_of = np.array([max(s["symmetry"], 1) for s in movie.table], dtype=float)
+    oriented = np.array([s["symmetry"] > 0 for s in movie.table])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_dir = np.mod(np.angle(total), 2 * np.pi) / n_of[None, :]
+        resultant = np.abs(total) / counts
+    mean_dir[(counts == 0) | ~oriented[None, :]] = np.nan
+    resultant[(counts == 0) | ~oriented[None, :]] = np.nan
+    angle_hist = np.zeros((n_f, n_s, bins), dtype=np.int32)
+    for s, spec in enumerate(movie.table):
+        rows = np.flatnonzero(movie.species == s)
+        if spec["symmetry"] == 0 or not len(rows):
             continue
-        th = theta[rows]
-        n = spec["symmetry"]
-        mean_dir[:, s] = mean_direction(th, n, axis=0)
-        resultant[:, s] = order_parameter(th, n, axis=0)
-        counts[:, s] = np.isfinite(th).sum(axis=0)
-        ph = np.mod(n * th, 2 * np.pi)
-        for f in range(n_f):
-            col = ph[:, f]
-            angle_hist[f, s] = np.histogram(col[np.isfinite(col)], phase_edges)[0]
-    mean_dir[counts == 0] = np.nan
+        for lo in range(0, len(rows), movie.chunk):
+            ph = np.mod(spec["symmetry"] * movie.theta[rows[lo:lo + movie.chunk]], 2 * np.pi)
+            for f in range(n_f):
+                col = ph[:, f]
+                angle_hist[f, s] += np.histogram(col[np.isfinite(col)], phase_edges)[0].astype(np.int32)
     ds["angle_mean"] = (("frame", "species_index"), mean_dir)
     ds["angle_mean"].attrs.update(units="rad", description="circular mean direction of the n-fold axes, in [0, 2 pi/n); "
-                                  "relative to the rVAE's arbitrary angle offset")
+                                  "relative to the rVAE's angle offset; NaN for isotropic species")
     ds["angle_resultant"] = (("frame", "species_index"), resultant)
     ds["angle_resultant"].attrs["description"] = "mean resultant length of n*angle (= S_n of the species)"
     ds["species_count"] = (("frame", "species_index"), counts)
     ds["angle_hist"] = (("frame", "species_index", "phase_bin"), angle_hist)
+    return ds
 
-    # ---- global orientational order
-    u_n = np.exp(1j * n_sym[:, None] * theta)
-    u_reg = np.exp(1j * m_reg[:, None] * theta)
-    n_tiles = int(settings["bootstrap_tiles"])
-    with _quiet():
-        mean_x, mean_y = np.nanmean(np.where(present, x, np.nan), axis=1), np.nanmean(np.where(present, y, np.nan), axis=1)
-    tiles = _tiles(mean_x, mean_y, n_tiles)
-    sig_sn = Signal("S_n", u_n, "resultant", species, tiles)
-    sig_s6 = Signal("S_6", u_reg, "resultant", species, tiles)
-    ds["S_n"] = ("frame", sig_sn.series())
-    ds["S_n"].attrs["description"] = "orientational order |<exp(i n angle)>| with each species' symmetry order n (count-weighted over species)"
-    ds["S_6"] = ("frame", sig_s6.series())
-    ds["S_6"].attrs["description"] = (f"substrate-registry order |<exp(i m angle)>|, m = lcm(n, {reg}) "
-                                      f"({reg} for rods and triangles)")
 
-    # ---- neighbours: local S_n, psi_k, counts
+def orientational_order(movie: Movie, settings: dict[str, Any], signals: dict[str, Signal]) -> xr.Dataset:
+    """Global order ``S_n`` of each species' own symmetry and, when a substrate registry is named, ``S_6``.
+
+    Adds the signals (with the angles' posterior spread, for the bootstrap) to ``signals``.
+    """
+    ds = xr.Dataset(coords={"frame": movie.frames})
+    kw = {"angle_sd": movie.angle_sd, "chunk": movie.chunk}
+    sig = phasor_signal("S_n", movie.theta, movie.symmetry, movie.species, movie.units, movie.n_units,
+                        movie.n_species, **kw)
+    ds["S_n"] = ("frame", sig.series())
+    ds["S_n"].attrs["description"] = ("orientational order |<exp(i n angle)>| with each species' symmetry order n "
+                                      "(count-weighted over species); NaN without angles or for isotropic particles")
+    if sig.n_trajectories:
+        signals["S_n"] = sig
+    reg = settings.get("registry_order")
+    if reg:
+        m_reg = _lcm_orders(movie.symmetry, int(reg))
+        sig6 = phasor_signal("S_6", movie.theta, m_reg, movie.species, movie.units, movie.n_units,
+                             movie.n_species, **kw)
+        ds["S_6"] = ("frame", sig6.series())
+        ds["S_6"].attrs["description"] = (f"substrate-registry order |<exp(i m angle)>|, m = lcm(n, {int(reg)}) "
+                                          f"(dynamics.registry_order; 6 = the three directions of mica)")
+        if sig6.n_trajectories:
+            signals["S_6"] = sig6
+    return ds
+
+
+def neighbour_order(movie: Movie, settings: dict[str, Any], signals: dict[str, Signal]) -> xr.Dataset:
+    """Delaunay neighbours of every frame: local S_n, bond order psi_k of the centroids, neighbour counts.
+
+    Computed frame by frame; the per-frame signals are summed per bootstrap unit as they come.
+    """
+    n_p, n_f = movie.present.shape
     k_bond = int(settings["bond_order"])
     cutoff = float(settings["bond_cutoff"])
-    local_sn = np.full((n_p, n_f), np.nan)
-    psi = np.full((n_p, n_f), np.nan + 0j)
-    n_neigh = np.full((n_p, n_f), np.nan)
+    G = movie.n_units
+    local_sn = np.full((n_p, n_f), np.nan, dtype=np.float32)
+    psi_abs = np.full((n_p, n_f), np.nan, dtype=np.float32)
+    n_neigh = np.full((n_p, n_f), np.nan, dtype=np.float32)
+    sums = {k: np.zeros((G, 1, n_f), dtype=complex if k == "psi" else float)
+            for k in ("psi", "psi_count", "local", "local_count", "lpsi", "lpsi_count")}
+    oriented = movie.symmetry > 0
     for f in range(n_f):
-        idx = np.flatnonzero(present[:, f])
+        idx = np.flatnonzero(movie.present[:, f])
         if len(idx) < 3:
             continue
-        xy = np.column_stack([x[idx, f], y[idx, f]])
+        xy = np.column_stack([movie.x[idx, f], movie.y[idx, f]])
         bonds = delaunay_bonds(xy, cutoff)
         p, c = bond_order(xy, bonds, k_bond)
-        psi[idx, f] = p
+        g = movie.units[idx]
+        ok = np.isfinite(p)
+        sums["psi"][:, 0, f] = (np.bincount(g[ok], p[ok].real, G) + 1j * np.bincount(g[ok], p[ok].imag, G))
+        sums["psi_count"][:, 0, f] = np.bincount(g[ok], minlength=G)
+        sums["lpsi"][:, 0, f] = np.bincount(g[ok], np.abs(p[ok]), G)
+        sums["lpsi_count"][:, 0, f] = sums["psi_count"][:, 0, f]
+        psi_abs[idx, f] = np.abs(p)
         n_neigh[idx, f] = c
-        local_sn[idx, f] = local_order(theta[idx, f], n_sym[idx], bonds)
-    sig_local = Signal("local_S_n", local_sn, "mean", species, tiles)
-    sig_psi = Signal("psi_6", psi, "resultant", np.zeros(n_p, dtype=int), tiles)
-    sig_lpsi = Signal("local_psi_6", np.abs(psi), "mean", species, tiles)
+        th = movie.theta[idx, f]
+        if np.isfinite(th).any():
+            # Isotropic neighbours and absent angles carry no orientation: left out of the average.
+            has = np.isfinite(th) & oriented[idx]
+            keep = has[bonds[:, 0]] & has[bonds[:, 1]] if len(bonds) else np.zeros(0, dtype=bool)
+            sub = np.flatnonzero(has)
+            remap = np.full(len(idx), -1)
+            remap[sub] = np.arange(len(sub))
+            lo = local_order(th[sub], movie.symmetry[idx][sub], remap[bonds[keep]])
+            local_sn[idx[sub], f] = lo
+            sums["local"][:, 0, f] = np.bincount(g[sub], lo, G)
+            sums["local_count"][:, 0, f] = np.bincount(g[sub], minlength=G)
+    n_traj = int(movie.present.any(axis=1).sum())
+    n_oriented = int((movie.present.any(axis=1) & movie.oriented).sum())
+    sig_psi = Signal("psi_6", "resultant", sums["psi"], sums["psi_count"], n_traj)
+    sig_lpsi = Signal("local_psi_6", "mean", sums["lpsi"], sums["lpsi_count"], n_traj)
+    sig_local = Signal("local_S_n", "mean", sums["local"], sums["local_count"], n_oriented)
+    signals.update({"psi_6": sig_psi, "local_psi_6": sig_lpsi})
+    if n_oriented:
+        signals["local_S_n"] = sig_local
+    ds = xr.Dataset(coords={"frame": movie.frames, "particle": movie.particles})
     with _quiet():
         ds["local_S_n"] = ("frame", sig_local.series())
         ds["psi_6"] = ("frame", sig_psi.series())
@@ -976,104 +1295,157 @@ def compute_dynamics(latents: xr.Dataset, tracks: pd.DataFrame | None, settings:
     ds["local_psi_6"].attrs["description"] = f"mean local bond-orientational order <|psi_{k_bond}(i)|>"
     ds["local_S_n"].attrs["description"] = "mean local orientational order over each particle and its Delaunay neighbours"
     ds["local_S_n_particle"] = (("particle", "frame"), local_sn)
-    ds["psi_6_particle"] = (("particle", "frame"), np.abs(psi))
+    ds["psi_6_particle"] = (("particle", "frame"), psi_abs)
     ds["neighbours"] = (("particle", "frame"), n_neigh)
     ds["neighbours"].attrs["description"] = "number of Delaunay neighbours (bonds longer than bond_cutoff x median dropped)"
+    return ds
 
-    # ---- classical orientation measure (image moments from segmentation)
-    signals = {"S_n": sig_sn, "S_6": sig_s6, "local_S_n": sig_local, "psi_6": sig_psi, "local_psi_6": sig_lpsi}
-    if tracks is not None and "orientation" in tracks.columns and tracks["orientation"].notna().any():
-        t_particles = np.unique(tracks["particle"].to_numpy())
-        t_theta = _tracks_matrix(tracks, "orientation", t_particles, frames)
-        sp_map = pd.Series(species, index=particles)
-        t_species = sp_map.reindex(t_particles).fillna(0).to_numpy(dtype=int)
-        t_n = np.array([table[s]["symmetry"] for s in t_species], dtype=int)
-        # Image moments give an axis (mod pi) whatever the particle: at least 2-fold.
-        t_n = np.lcm(t_n, 2)
-        t_m = np.array([reg * n // math.gcd(reg, n) for n in t_n], dtype=int)
-        t_mean = tracks.groupby("particle")[["x", "y"]].mean().reindex(t_particles)
-        t_tiles = _tiles(t_mean["x"].to_numpy(float), t_mean["y"].to_numpy(float), n_tiles)
-        sig_mom = Signal("S_n_moments", np.exp(1j * t_n[:, None] * t_theta), "resultant", t_species, t_tiles)
-        sig_mom6 = Signal("S_6_moments", np.exp(1j * t_m[:, None] * t_theta), "resultant", t_species, t_tiles)
-        signals["S_n_moments"], signals["S_6_moments"] = sig_mom, sig_mom6
-        ds["S_n_moments"] = ("frame", sig_mom.series())
-        ds["S_n_moments"].attrs["description"] = ("S_n of the image-moment orientation of the detections "
-                                                  "(classical measure; n at least 2: moments give an axis)")
-        ds["S_6_moments"] = ("frame", sig_mom6.series())
+
+def classical_order(movie: Movie, tracks: pd.DataFrame | None, settings: dict[str, Any],
+                    signals: dict[str, Signal]) -> xr.Dataset:
+    """S_n (and registry S_6) of the image-moment ``orientation`` column of the tracks, for comparison."""
+    ds = xr.Dataset(coords={"frame": movie.frames})
+    if tracks is None or "orientation" not in tracks.columns or not tracks["orientation"].notna().any():
+        movie.notes.append("tracks have no 'orientation' column: no classical (image-moment) order parameter")
+        return ds
+    t_particles = np.unique(tracks["particle"].to_numpy())
+    sp_map = pd.Series(movie.species, index=movie.particles)
+    t_species = sp_map.reindex(t_particles).fillna(0).to_numpy(dtype=int)
+    sym = np.array([movie.table[s]["symmetry"] for s in t_species], dtype=int)
+    # Image moments give an axis (mod pi) whatever the particle: at least 2-fold; none for isotropic ones.
+    t_n = _lcm_orders(sym, 2)
+    if not (t_n > 0).any():
+        movie.notes.append("isotropic particles: no classical (image-moment) orientational order")
+        return ds
+    with _quiet():
+        mean_xy = tracks.groupby("particle")[["x", "y"]].mean().reindex(t_particles)
+    t_units, t_n_units = bootstrap_units(_tiles(mean_xy["x"].to_numpy(float), mean_xy["y"].to_numpy(float),
+                                                int(settings["bootstrap_tiles"])), len(t_particles))
+    t_theta = _tracks_matrix(tracks, "orientation", t_particles, movie.frames)
+    kw = {"chunk": movie.chunk}
+    sig = phasor_signal("S_n_moments", t_theta, t_n, t_species, t_units, t_n_units, movie.n_species, **kw)
+    signals["S_n_moments"] = sig
+    ds["S_n_moments"] = ("frame", sig.series())
+    ds["S_n_moments"].attrs["description"] = ("S_n of the image-moment orientation of the detections "
+                                              "(classical measure; n at least 2: moments give an axis)")
+    reg = settings.get("registry_order")
+    if reg:
+        sig6 = phasor_signal("S_6_moments", t_theta, _lcm_orders(t_n, int(reg)), t_species, t_units, t_n_units,
+                             movie.n_species, **kw)
+        signals["S_6_moments"] = sig6
+        ds["S_6_moments"] = ("frame", sig6.series())
         ds["S_6_moments"].attrs["description"] = "registry order S_6 of the image-moment orientation"
-    else:
-        notes.append("tracks have no 'orientation' column: no classical (image-moment) order parameter")
+    return ds
 
-    # ---- g(r) at early, middle and late frames
+
+def pair_correlations(movie: Movie, settings: dict[str, Any]) -> xr.Dataset:
+    """g(r) averaged over a few frames at the start, middle and end of the movie."""
+    ds = xr.Dataset(coords={"frame": movie.frames})
+    present, x, y = movie.present, movie.x, movie.y
+    n_f = len(movie.frames)
+    if not present.any():
+        return ds
     all_x, all_y = x[present], y[present]
-    if all_x.size:
-        box = (float(all_x.min()), float(all_x.max()), float(all_y.min()), float(all_y.max()))
-        side = min(box[1] - box[0], box[3] - box[2])
-        rmax = float(settings["gr_rmax"] or side / 4)
-        r_edges = np.linspace(0, max(rmax, 1e-6), int(settings["gr_bins"]) + 1)
-        width = int(settings["gr_frames"])
-        picks = {"early": 0, "middle": n_f // 2, "late": n_f - 1}
-        gr = np.full((3, len(r_edges) - 1), np.nan)
-        gr_frame = np.zeros(3)
-        for k, centre in enumerate(picks.values()):
-            lo = int(np.clip(centre - width // 2, 0, max(0, n_f - width)))
-            sel = range(lo, min(n_f, lo + width))
-            vals = [pair_correlation(np.column_stack([x[present[:, f], f], y[present[:, f], f]]), r_edges, box)
-                    for f in sel]
-            with _quiet():
-                gr[k] = np.nanmean(vals, axis=0)
-            gr_frame[k] = float(np.mean([frames[f] for f in sel]))
-        ds = ds.assign_coords(stage=np.array(list(picks), dtype=object), r=0.5 * (r_edges[1:] + r_edges[:-1]))
-        ds["r"].attrs["units"] = "px"
-        ds["gr"] = (("stage", "r"), gr)
-        ds["gr"].attrs["description"] = "radial distribution function (edge-corrected, bounding box of all positions)"
-        ds["gr_frame"] = ("stage", gr_frame)
+    box = (float(all_x.min()), float(all_x.max()), float(all_y.min()), float(all_y.max()))
+    side = min(box[1] - box[0], box[3] - box[2])
+    rmax = float(settings["gr_rmax"] or side / 4)
+    r_edges = np.linspace(0, max(rmax, 1e-6), int(settings["gr_bins"]) + 1)
+    width = int(settings["gr_frames"])
+    picks = {"early": 0, "middle": n_f // 2, "late": n_f - 1}
+    gr = np.full((3, len(r_edges) - 1), np.nan)
+    gr_frame = np.zeros(3)
+    for k, centre in enumerate(picks.values()):
+        lo = int(np.clip(centre - width // 2, 0, max(0, n_f - width)))
+        sel = range(lo, min(n_f, lo + width))
+        vals = [pair_correlation(np.column_stack([x[present[:, f], f], y[present[:, f], f]]), r_edges, box)
+                for f in sel]
+        with _quiet():
+            gr[k] = np.nanmean(vals, axis=0)
+        gr_frame[k] = float(np.mean([movie.frames[f] for f in sel]))
+    ds = ds.assign_coords(stage=np.array(list(picks), dtype=object), r=0.5 * (r_edges[1:] + r_edges[:-1]))
+    ds["r"].attrs["units"] = "px"
+    ds["gr"] = (("stage", "r"), gr)
+    ds["gr"].attrs["description"] = "radial distribution function (edge-corrected, bounding box of all positions)"
+    ds["gr_frame"] = ("stage", gr_frame)
+    return ds
 
-    # ---- per trajectory: unwrapped angle, angular velocity, jumps, MSDs, diffusion
-    unwrapped = unwrap_angles(theta, n_sym)
+
+def rotational_dynamics(movie: Movie, settings: dict[str, Any]) -> xr.Dataset:
+    """Unwrapped angle, angular velocity, jump histogram, rotational MSD and diffusion of oriented trajectories."""
+    bins = int(settings["histogram_bins"])
+    n_sym = np.maximum(movie.symmetry, 1)  # isotropic rows are all NaN: any n unwraps them to NaN
+    unwrapped = unwrap_angles(movie.theta, n_sym)
+    ds = xr.Dataset(coords={"frame": movie.frames, "particle": movie.particles})
     ds["angle_unwrapped"] = (("particle", "frame"), unwrapped)
     ds["angle_unwrapped"].attrs.update(units="rad", description="angle unwrapped along the trajectory modulo 2 pi/n")
     omega = np.full_like(unwrapped, np.nan)
-    omega[:, 1:] = np.diff(unwrapped, axis=1) / dt
+    omega[:, 1:] = np.diff(unwrapped, axis=1) / movie.dt
     ds["angular_velocity"] = (("particle", "frame"), omega)
-    ds["angular_velocity"].attrs["units"] = f"rad/{time_unit}"
-    jumps = np.abs(wrap_symmetric(np.diff(theta, axis=1), n_sym[:, None]))
+    ds["angular_velocity"].attrs["units"] = f"rad/{movie.time_unit}"
     jump_edges = np.logspace(-3, np.log10(np.pi), bins + 1)
-    jh = np.zeros((len(table), bins), dtype=np.int64)
-    for s in range(len(table)):
-        v = jumps[species == s]
-        jh[s] = np.histogram(v[np.isfinite(v)], jump_edges)[0]
+    jh = np.zeros((movie.n_species, bins), dtype=np.int64)
+    for lo in range(0, len(movie.particles), movie.chunk):
+        rows = slice(lo, lo + movie.chunk)
+        jumps = np.abs(wrap_symmetric(np.diff(movie.theta[rows], axis=1), n_sym[rows, None]))
+        for s in range(movie.n_species):
+            v = jumps[movie.species[rows] == s]
+            jh[s] += np.histogram(v[np.isfinite(v)], jump_edges)[0]
     ds = ds.assign_coords(jump=("jump_bin", np.sqrt(jump_edges[1:] * jump_edges[:-1])))
     ds["jump"].attrs.update(units="rad", description="orientation change between consecutive frames (geometric bin centre)")
     ds["jump_hist"] = (("species_index", "jump_bin"), jh)
     ds["jump_edges"] = ("jump_edge", jump_edges)
-
-    max_lag = int(settings["msd_max_lag"])
     n_fit = int(settings["msd_fit_lags"])
-    lags, msd_rot, msd_rot_p = mean_squared_displacement(unwrapped, max_lag)
-    xyp = np.stack([np.where(present, x, np.nan), np.where(present, y, np.nan)], axis=-1)
-    _, msd_tr, msd_tr_p = mean_squared_displacement(xyp, max_lag)
-    ds = ds.assign_coords(lag=lags, lag_time=("lag", lags * dt))
-    ds["lag_time"].attrs["units"] = time_unit
+    lags, msd_rot, msd_rot_p = mean_squared_displacement(unwrapped, int(settings["msd_max_lag"]), movie.chunk)
+    ds = ds.assign_coords(lag=lags, lag_time=("lag", lags * movie.dt))
+    ds["lag_time"].attrs["units"] = movie.time_unit
     ds["msd_rot"] = ("lag", msd_rot)
     ds["msd_rot"].attrs["units"] = "rad^2"
-    ds["msd_trans"] = ("lag", msd_tr * pixel_size ** 2)
-    ds["msd_trans"].attrs["units"] = f"{pixel_unit}^2"
     d_rot, c_rot = fit_diffusion(lags, msd_rot, 1, n_fit)
-    d_tr, c_tr = fit_diffusion(lags, msd_tr, 2, n_fit)
-    d_rot_p = np.array([fit_diffusion(lags, row, 1, n_fit)[0] for row in msd_rot_p])
-    d_tr_p = np.array([fit_diffusion(lags, row, 2, n_fit)[0] for row in msd_tr_p])
-    ds["D_rot"] = ("particle", d_rot_p / dt)
-    ds["D_rot"].attrs.update(units=f"rad^2/{time_unit}", description="rotational diffusion: MSD = 2 D lag + c over the first msd_fit_lags lags")
-    ds["D_trans"] = ("particle", d_tr_p * pixel_size ** 2 / dt)
-    ds["D_trans"].attrs.update(units=f"{pixel_unit}^2/{time_unit}", description="translational diffusion: MSD = 4 D lag + c")
-    if not np.isfinite(d_rot):
-        notes.append(f"too few frames for a diffusion fit (need {n_fit} lags of at least 3 usable)")
+    ds["D_rot"] = ("particle", fit_diffusion_many(lags, msd_rot_p, 1, n_fit) / movie.dt)
+    ds["D_rot"].attrs.update(units=f"rad^2/{movie.time_unit}",
+                             description="rotational diffusion: MSD = 2 D lag + c over the first msd_fit_lags lags")
+    if not movie.oriented.any():
+        movie.notes.append("no rotational diffusion: no trajectory has a meaningful angle")
+    elif not np.isfinite(d_rot):
+        movie.notes.append(f"too few frames for a diffusion fit (need {n_fit} lags of at least 3 usable)")
+    ds.attrs.update(rotational_diffusion=d_rot / movie.dt, rotational_diffusion_per_frame=d_rot,
+                    rotational_diffusion_units=f"rad^2/{movie.time_unit}", rotational_msd_intercept=c_rot)
+    return ds
 
-    # ---- the transition
+
+def translational_dynamics(movie: Movie, tracks: pd.DataFrame | None, settings: dict[str, Any]) -> xr.Dataset:
+    """Translational MSD and diffusion of the drift-corrected positions (the tracking stage's correction)."""
+    xc, yc, drift_source = corrected_positions(movie.x, movie.y, movie.particles, movie.frames, tracks)
+    xy = np.stack([np.where(movie.present, xc, np.nan), np.where(movie.present, yc, np.nan)], axis=-1)
+    n_fit = int(settings["msd_fit_lags"])
+    lags, msd_tr, msd_tr_p = mean_squared_displacement(xy, int(settings["msd_max_lag"]), movie.chunk)
+    ds = xr.Dataset(coords={"particle": movie.particles, "lag": lags})
+    area = movie.pixel_size ** 2
+    ds["msd_trans"] = ("lag", msd_tr * area)
+    ds["msd_trans"].attrs.update(units=f"{movie.pixel_unit}^2", description="MSD of the drift-corrected positions")
+    d_tr, c_tr = fit_diffusion(lags, msd_tr, 2, n_fit)
+    ds["D_trans"] = ("particle", fit_diffusion_many(lags, msd_tr_p, 2, n_fit) * area / movie.dt)
+    ds["D_trans"].attrs.update(units=f"{movie.pixel_unit}^2/{movie.time_unit}",
+                               description="translational diffusion: MSD = 4 D lag + c (drift-corrected positions)")
+    ds.attrs.update(translational_diffusion=d_tr * area / movie.dt,
+                    translational_diffusion_units=f"{movie.pixel_unit}^2/{movie.time_unit}",
+                    translational_msd_intercept=c_tr * area, translational_drift=drift_source)
+    return ds
+
+
+def ordering_transition(movie: Movie, signals: dict[str, Signal], settings: dict[str, Any],
+                        rng: np.random.Generator) -> xr.Dataset:
+    """The ordering transition: which signal, the step fit, its interval, the classical comparison.
+
+    Returns the fitted curve on ``frame`` and every transition attribute. Without a
+    transition (or without any angle-based signal) the outcome is ``transition_detected:
+    False`` with every number NaN: each attribute keeps its type whatever the outcome.
+    """
     boot_kw = {"n_boot": int(settings["bootstrap"]), "confidence": float(settings["confidence"]),
                "min_frames": int(settings["min_frames"]), "min_particles": int(settings["min_particles"]),
-               "min_delta_bic": float(settings["min_delta_bic"]), "model": settings["transition_model"]}
+               "min_delta_bic": float(settings["min_delta_bic"]), "model": settings["transition_model"],
+               "changepoint_tolerance": float(settings["changepoint_tolerance"]),
+               "resample_angles": bool(settings["resample_angles"])}
     fits: dict[str, dict[str, Any]] = {}
     quick: dict[str, dict[str, Any]] = {}
 
@@ -1087,19 +1459,21 @@ def compute_dynamics(latents: xr.Dataset, tracks: pd.DataFrame | None, settings:
 
     def fit(name: str) -> dict[str, Any]:
         if name not in fits:
-            fits[name] = estimate_transition(signals[name], frames, rng=rng, **kwargs(name))
+            fits[name] = estimate_transition(signals[name], movie.frames, rng=rng, **kwargs(name))
         return fits[name]
 
     def fit_quick(name: str) -> dict[str, Any]:
         if name not in quick:
-            quick[name] = estimate_transition(signals[name], frames, rng=rng, **kwargs(name, 0))
+            quick[name] = estimate_transition(signals[name], movie.frames, rng=rng, **kwargs(name, 0))
         return quick[name]
 
     def choose(requested: str, candidates: tuple[str, ...], key: str) -> str | None:
         if requested != "auto":
             if requested not in signals:
-                raise InputError(f"dynamics.{key}: {requested!r} cannot be computed for this movie "
-                                 f"(available: {', '.join(signals)})")
+                why = (" (S_6 needs dynamics.registry_order)" if requested.startswith("S_6") and
+                       not settings.get("registry_order") else "")
+                raise InputError(f"dynamics.{key}: {requested!r} cannot be computed for this movie{why} "
+                                 f"(available: {', '.join(signals) or 'none'})")
             return requested
         available = [c for c in candidates if c in signals]
         if not available:
@@ -1112,65 +1486,113 @@ def compute_dynamics(latents: xr.Dataset, tracks: pd.DataFrame | None, settings:
         return max(detected or available,
                    key=lambda c: fit_quick(c)["delta_bic"] if np.isfinite(fit_quick(c)["delta_bic"]) else -np.inf)
 
+    notes = movie.notes
     main_name = choose(settings["transition_signal"], AUTO_SIGNALS, "transition_signal")
     classical_name = choose(settings["classical_signal"], CLASSICAL_SIGNALS, "classical_signal")
-    main = fit(main_name)
+    nan2 = [math.nan, math.nan]
+    if main_name is None:
+        notes.append("no angle-based order parameter (no angles, or isotropic particles): no ordering "
+                     "transition is reported")
+        main = {"frame": math.nan, "low": math.nan, "high": math.nan, "width": math.nan, "saturation": math.nan,
+                "level_before": math.nan, "level_after": math.nan, "delta_bic": math.nan,
+                "changepoint_frame": math.nan, "logistic_frame": math.nan, "changepoint_agrees": False,
+                "detected": False, "note": ""}
+    else:
+        main = fit(main_name)
+        if main["note"]:
+            notes.append(main["note"])
     classical = fit(classical_name) if classical_name else {}
-    if main["note"]:
-        notes.append(main["note"])
     if classical_name is None:
         notes.append("no classical order parameter could be computed")
     elif classical.get("note"):
         notes.append(classical["note"])
-    # The order parameter's own half-way point, for readers who define the transition that way.
-    plain = fit_logistic(frames, ds[main_name].values, "logistic") if main["detected"] else None
-    ds["transition_curve"] = ("frame", logistic(frames, main["level_before"], main["level_after"], main["frame"],
-                                                main["width"], main.get("saturation", 0.0)) if main["detected"]
-                              else np.full(n_f, np.nan))
-    ds["transition_curve"].attrs["description"] = f"fitted {settings['transition_model']} step of {main_name}"
-
-    attrs: dict[str, Any] = {
-        "transition_signal": main_name,
-        "transition_frame": main["frame"],
-        "transition_frame_low": main["low"],
-        "transition_frame_high": main["high"],
-        "transition_interval": [main["low"], main["high"]],
+    n_f = len(movie.frames)
+    out = xr.Dataset(coords={"frame": movie.frames})
+    out["transition_curve"] = ("frame", logistic(movie.frames, main["level_before"], main["level_after"],
+                                                 main["frame"], main["width"], main["saturation"] or 0.0)
+                               if main["detected"] else np.full(n_f, np.nan))
+    out["transition_curve"].attrs["description"] = f"fitted {settings['transition_model']} step of {main_name}"
+    out.attrs = {
+        "transition_signal": main_name or "",
+        "transition_detected": bool(main["detected"]),
+        "transition_frame": float(main["frame"]),
+        "transition_frame_low": float(main["low"]),
+        "transition_frame_high": float(main["high"]),
+        "transition_interval": [float(main["low"]), float(main["high"])] if main["detected"] else nan2,
         "transition_confidence": float(settings["confidence"]),
-        "transition_width": main["width"],
-        "transition_time": main["frame"] * dt if np.isfinite(main["frame"]) else math.nan,
-        "transition_detected": main["detected"],
-        "transition_frame_changepoint": main["changepoint_frame"],
-        "transition_frame_logistic": plain.t_c if plain is not None else math.nan,
+        "transition_interval_includes": ("trajectories (spatial tiles) resampled" +
+                                         (" and angles redrawn within angle_sd" if settings["resample_angles"]
+                                          and movie.angle_sd is not None else "")),
+        "transition_width": float(main["width"]) if main["detected"] else math.nan,
+        "transition_time": float(main["frame"]) * movie.dt,
+        "transition_frame_changepoint": float(main["changepoint_frame"]),
+        "transition_changepoint_agrees": bool(main["changepoint_agrees"]),
+        "transition_frame_logistic": float(main["logistic_frame"]) if main["detected"] else math.nan,
         "transition_model": settings["transition_model"],
-        "transition_saturation": main.get("saturation", math.nan),
-        "transition_delta_bic": main["delta_bic"],
-        "transition_note": main["note"],
+        "transition_saturation": float(main["saturation"]) if main["detected"] else math.nan,
+        "transition_delta_bic": float(main["delta_bic"]),
+        "transition_note": main["note"] if main_name else "no angle-based order parameter",
         "classical_signal": classical_name or "",
-        "transition_frame_classical": fits.get(classical_name, {}).get("frame", math.nan),
-        "transition_interval_classical": [fits.get(classical_name, {}).get("low", math.nan),
-                                          fits.get(classical_name, {}).get("high", math.nan)],
-        "transition_fits": json.dumps({**{k: v for k, v in quick.items()}, **fits}, default=float),
-        "rotational_diffusion": d_rot / dt,
-        "rotational_diffusion_per_frame": d_rot,
-        "rotational_diffusion_units": f"rad^2/{time_unit}",
-        "rotational_msd_intercept": c_rot,
-        "translational_diffusion": d_tr * pixel_size ** 2 / dt,
-        "translational_diffusion_units": f"{pixel_unit}^2/{time_unit}",
-        "translational_msd_intercept": c_tr * pixel_size ** 2,
-        "species": json.dumps(table),
-        "species_method": species_method,
-        "frame_interval": frame_interval or "",
-        "time_unit": time_unit,
-        "pixel_size": pixel_size,
-        "pixel_unit": pixel_unit,
-        "notes": "; ".join(notes),
+        "transition_frame_classical": float(classical.get("frame", math.nan)),
+        "transition_interval_classical": [float(classical.get("low", math.nan)), float(classical.get("high", math.nan))],
+        "transition_fits": json.dumps({**quick, **fits}, default=float),
     }
-    # JSON has no NaN: missing values become None (written as "") by the store writer.
-    ds.attrs = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in attrs.items()}
-    ds.attrs["transition_interval"] = [None if not np.isfinite(v) else v for v in attrs["transition_interval"]]
-    ds.attrs["transition_interval_classical"] = [None if not np.isfinite(v) else v
-                                                 for v in attrs["transition_interval_classical"]]
-    for note in notes:
+    return out
+
+
+def compute_dynamics(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: dict[str, Any]) -> xr.Dataset:
+    """Ensemble statistics, order parameters, rotational dynamics and the transition of one movie.
+
+    Parameters
+    ----------
+    latents : xarray.Dataset
+        ``angle`` (rad), ``x``, ``y`` (px) on (particle, frame); optionally ``angle_sd`` (rad),
+        ``z`` (particle, frame, latent), ``dx``, ``dy`` (px), ``cls(particle)``; attrs
+        ``frame_interval`` (s), ``pixel_size``, ``pixel_unit`` and the species with their
+        symmetry orders (see :func:`species_from_attrs`).
+    tracks : pandas.DataFrame, optional
+        Trajectories (``frame``, ``x``, ``y``, ``particle``); ``x_corrected``/``y_corrected``
+        give the drift the translational MSD removes, an ``orientation`` column (rad,
+        image-moment angle) the classical orientational order for comparison.
+    settings : dict
+        The validated ``dynamics`` config section.
+
+    Returns
+    -------
+    xarray.Dataset
+        On ``frame`` (with ``time`` in s): counts, latent means/spreads/quantiles, circular
+        statistics, order parameters, histograms; on ``particle``: species, unwrapped angle,
+        angular velocity, local order, diffusion coefficients; on ``lag``: MSDs; on ``r``:
+        g(r) at early/middle/late frames. The transition estimate is in ``attrs``.
+    """
+    rng = np.random.default_rng(int(settings["seed"]))
+    movie = prepare_movie(latents, tracks, settings)
+    signals: dict[str, Signal] = {}
+    parts = [
+        frame_counts(movie),
+        latent_statistics(movie, latents, settings),
+        circular_statistics(movie, settings),
+        orientational_order(movie, settings, signals),
+        neighbour_order(movie, settings, signals),
+        classical_order(movie, tracks, settings, signals),
+        pair_correlations(movie, settings),
+        rotational_dynamics(movie, settings),
+        translational_dynamics(movie, tracks, settings),
+    ]
+    parts.append(ordering_transition(movie, signals, settings, rng))
+    ds = xr.merge(parts, combine_attrs="no_conflicts", join="outer")
+    ds.attrs.update({
+        "species": json.dumps([{k: s[k] for k in ("name", "symmetry")} for s in movie.table]),
+        "species_method": movie.species_method,
+        "symmetry_source": movie.table[0]["source"],
+        "angles": movie.angles,
+        "frame_interval": float(movie.frame_interval or math.nan),
+        "time_unit": movie.time_unit,
+        "pixel_size": movie.pixel_size,
+        "pixel_unit": movie.pixel_unit,
+        "notes": "; ".join(movie.notes),
+    })
+    for note in movie.notes:
         log.warning("%s", note)
     return ds
 

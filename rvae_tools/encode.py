@@ -192,6 +192,8 @@ def encode_patches(
                 value = np.asarray(value)
                 if name in grids:
                     grids[name][rows, cols] = value
+                elif name == "cls_prob":
+                    extra.setdefault(name, np.full((*shape, value.shape[1]), np.nan, dtype=np.float32))[rows, cols] = value
                 elif value.ndim == 1 and value.shape[0] == stop - start:
                     # Extras of the model (e.g. class probabilities) are kept under their own names.
                     extra.setdefault(name, np.full(shape, np.nan, dtype=np.float32))[rows, cols] = value
@@ -212,7 +214,8 @@ def encode_patches(
     data_vars["x"] = (dims2, grids["x"], {"units": "px", "description": "window centre (detection), column"})
     data_vars["y"] = (dims2, grids["y"], {"units": "px", "description": "window centre (detection), row"})
     for name, value in extra.items():
-        data_vars[name] = (dims2, value, {"description": f"{name} from the model's encoder"})
+        if name != "cls_prob":  # laid out with the classes below
+            data_vars[name] = (dims2, value, {"description": f"{name} from the model's encoder"})
 
     coords: dict[str, Any] = {
         "particle": ("particle", particles, {"description": "trajectory id"}),
@@ -230,6 +233,15 @@ def encode_patches(
         if cls.dtype == object:
             cls = np.array(["" if pd.isna(c) else str(c) for c in cls], dtype=object)
         coords["cls"] = ("particle", cls, {"description": "majority class along the trajectory"})
+    if "cls_prob" in extra:
+        from .classify import class_variables
+
+        # The model's classes replace a class carried over from the tracks (kept as cls_input).
+        if "cls" in coords:
+            coords["cls_input"] = coords.pop("cls")
+        class_vars, class_coords = class_variables(extra.pop("cls_prob"), list(model.class_names))
+        data_vars.update(class_vars)
+        coords.update(class_coords)
 
     model_config = getattr(model, "config", {}) or {}
     seed = (settings or {}).get("seed")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -31,16 +32,49 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove what killed writes of ``path`` left beside it, and return what was removed.
+
+    :func:`atomic_output` writes ``.NAME.tmp-PID-*`` (and briefly keeps the replaced output
+    as ``.NAME.old-PID-*``); a process killed with SIGKILL cannot clean them up. Only those
+    whose writer PID is no longer alive on this machine are removed, so a concurrent writer
+    of the same path keeps its temporary.
+    """
+    final = Path(path)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.(?:tmp|old)-(\d+)-[0-9a-f]+$")
+    for candidate in final.parent.iterdir():
+        m = pattern.match(candidate.name)
+        if m and not _pid_alive(int(m.group(1))):
+            _remove(candidate)
+            removed.append(candidate)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; rename it into place when the block succeeds.
 
     Works for files and directories (Zarr stores). If the block raises (or the process is
     interrupted), the temporary path is removed and any existing ``path`` is left untouched.
-    The parent directory is created when missing.
+    The parent directory is created when missing. Temporaries of earlier writes of ``path``
+    that were killed are removed first (:func:`remove_stale_temporaries`).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
@@ -49,7 +83,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         if final.exists() or final.is_symlink():
             # A directory cannot be replaced by os.replace; move the old one aside first so
             # that the window without any output is as short as possible.
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             os.replace(final, old)
             os.replace(tmp, final)
             _remove(old)

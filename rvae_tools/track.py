@@ -24,6 +24,8 @@ too large to solve does not abort the run: it is re-linked with adaptive search 
 still fails, its particles start new trajectories), with a warning naming the frame.
 
 All functions take and return DataFrames; positions are pixels, times frames unless stated.
+Drift, drift-corrected positions and MSDs live in :mod:`rvae_tools.motion`, shared with the
+dynamics stage (their names are re-exported here).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .motion import LagPairs, ensemble_msd, estimate_drift, fit_power_law, subtract_drift
 
 logger = logging.getLogger(__name__)
 
@@ -390,127 +393,7 @@ def select_detections(tracks: pd.DataFrame, bounds: dict[str, dict[str, float | 
     return tracks.loc[keep].reset_index(drop=True)
 
 
-# --------------------------------------------------------------------------- drift
-
-
-def estimate_drift(tracks: pd.DataFrame, smoothing: int = 0, frames: np.ndarray | None = None) -> pd.DataFrame:
-    """Ensemble drift per frame (trackpy's ``compute_drift``), defined on every frame.
-
-    Parameters
-    ----------
-    tracks : DataFrame
-        Trajectories with ``frame``, ``particle``, ``x``, ``y`` (px).
-    smoothing : int
-        Frames of the forward-looking rolling mean applied to the per-frame mean step.
-    frames : array of int, optional
-        Frames to report (default: every frame from the first to the last of ``tracks``).
-
-    Returns
-    -------
-    DataFrame
-        ``frame``, ``x``, ``y``: cumulative drift in px, zero at the first frame; frames
-        without any measurable step carry the previous value.
-    """
-    import trackpy
-
-    if frames is None:
-        frames = (np.arange(tracks["frame"].min(), tracks["frame"].max() + 1)
-                  if len(tracks) else np.array([], dtype=np.int64))
-    frames = np.asarray(frames, dtype=np.int64)
-    drift = pd.DataFrame({"frame": frames, "x": 0.0, "y": 0.0})
-    if len(tracks) < 2 or len(frames) == 0:
-        return drift
-    cumulative = trackpy.compute_drift(tracks[["frame", "particle", "x", "y"]], smoothing=int(smoothing),
-                                       pos_columns=["y", "x"])
-    if cumulative.empty:
-        return drift
-    cumulative = cumulative.reindex(frames).ffill().fillna(0.0)
-    drift["x"] = cumulative["x"].to_numpy(dtype=float)
-    drift["y"] = cumulative["y"].to_numpy(dtype=float)
-    return drift
-
-
-def subtract_drift(tracks: pd.DataFrame, drift: pd.DataFrame, *, subtract: bool = True) -> pd.DataFrame:
-    """Add ``x_corrected``, ``y_corrected`` (px): positions with the drift removed.
-
-    With ``subtract=False`` they equal ``x`` and ``y`` (so consumers can always use them).
-    """
-    out = tracks.copy()
-    if subtract and len(drift):
-        shift = drift.set_index("frame")
-        out["x_corrected"] = out["x"].to_numpy(dtype=float) - shift["x"].reindex(out["frame"]).fillna(0.0).to_numpy()
-        out["y_corrected"] = out["y"].to_numpy(dtype=float) - shift["y"].reindex(out["frame"]).fillna(0.0).to_numpy()
-    else:
-        out["x_corrected"] = out["x"].astype(float)
-        out["y_corrected"] = out["y"].astype(float)
-    return out
-
-
-# --------------------------------------------------------------------------- MSD and summary
-
-
-class _LagPairs:
-    """Squared displacements of every trajectory at any lag, for all trajectories at once.
-
-    Each trajectory is laid out on a dense run of its frames (NaN where it was not detected,
-    as trackpy's ``msd`` does for gaps) and the runs are concatenated, so the pairs at lag
-    ``l`` are ``grid[l:]`` against ``grid[:-l]`` where both belong to the same trajectory:
-    one vectorised pass per lag, no per-trajectory Python loop.
-    """
-
-    def __init__(self, tracks: pd.DataFrame, max_lag: int = 0, columns=("x_corrected", "y_corrected")):
-        self.ids, owner = np.unique(tracks["particle"].to_numpy(dtype=np.int64), return_inverse=True)
-        frame = tracks["frame"].to_numpy(dtype=np.int64)
-        first = np.full(len(self.ids), np.iinfo(np.int64).max)
-        last = np.full(len(self.ids), np.iinfo(np.int64).min)
-        np.minimum.at(first, owner, frame)
-        np.maximum.at(last, owner, frame)
-        span = last - first + 1
-        start = np.concatenate([[0], np.cumsum(span)[:-1]]).astype(np.int64)
-        size = int(span.sum()) if len(span) else 0
-        self.owner = np.repeat(np.arange(len(self.ids)), span)
-        slot = start[owner] + (frame - first[owner])
-        self.grid = []
-        for column in columns:
-            values = np.full(size, np.nan)
-            values[slot] = tracks[column].to_numpy(dtype=float)
-            self.grid.append(values)
-
-    def squared_displacements(self, lag: int) -> tuple[np.ndarray, np.ndarray]:
-        """(trajectory index into ``ids``, squared displacement in px^2) of every pair at ``lag``."""
-        if lag >= len(self.owner):
-            return np.array([], dtype=np.int64), np.array([])
-        same = self.owner[lag:] == self.owner[:-lag]
-        sq = np.zeros(int(same.sum()))
-        for values in self.grid:
-            sq += (values[lag:][same] - values[:-lag][same]) ** 2
-        measured = np.isfinite(sq)
-        return self.owner[:-lag][same][measured], sq[measured]
-
-    def msd_matrix(self, lags: np.ndarray) -> np.ndarray:
-        """MSD (px^2) of every trajectory (rows, in ``ids`` order) at every lag (columns); NaN when unmeasured."""
-        msd = np.full((len(self.ids), len(lags)), np.nan)
-        for j, lag in enumerate(lags):
-            owner, sq = self.squared_displacements(int(lag))
-            total = np.bincount(owner, weights=sq, minlength=len(self.ids))
-            count = np.bincount(owner, minlength=len(self.ids))
-            measured = count > 0
-            msd[measured, j] = total[measured] / count[measured]
-        return msd
-
-
-def _independent_measurements(n_positions: np.ndarray, lags: np.ndarray) -> np.ndarray:
-    """Effective number of independent MSD measurements of a trajectory of ``n_positions`` at each lag.
-
-    Qian, Sheetz & Elson, Biophys. J. 60, 910 (1991), eq. B4, as trackpy's ``emsd`` uses it;
-    ``n_positions`` (trajectories, 1) and ``lags`` (lags,) broadcast to (trajectories, lags).
-    """
-    n = n_positions.astype(float)[:, None]
-    t = lags.astype(float)[None, :]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        long = 1.0 / (1.0 + ((n - t) ** 3 + 5 * t - 4 * (n - t) ** 2 * t - n) / (6 * (n - t) * t ** 2))
-        short = 6 * (n - t) ** 2 * t / (2 * n - t + 4 * n * t ** 2 - 5 * t ** 3)
-    return np.where(t > n / 2, long, short)
+# --------------------------------------------------------------------------- summary
 
 
 def trajectory_summary(
@@ -553,7 +436,7 @@ def trajectory_summary(
     summary["duration"] = (summary["last_frame"] - summary["first_frame"]) * float(frame_interval)
     lags = np.arange(1, int(fit_lags) + 1)
     # groupby sorts by particle and np.unique does too, so the rows line up.
-    msd = _LagPairs(tracks, int(fit_lags)).msd_matrix(lags) * float(pixel_size) ** 2
+    msd = LagPairs(tracks, int(fit_lags)).msd_matrix(lags) * float(pixel_size) ** 2
     t = lags * float(frame_interval)
     # Least-squares line per trajectory over its measured lags, vectorised over trajectories.
     valid = np.isfinite(msd)
@@ -569,87 +452,6 @@ def trajectory_summary(
     summary["diffusion"] = np.where(n >= 2, slope / 4.0, np.nan)
     summary["msd_lag1"] = msd[:, 0]
     return summary[columns]
-
-
-def ensemble_msd(
-    tracks: pd.DataFrame,
-    *,
-    pixel_size: float = 1.0,
-    frame_interval: float = 1.0,
-    max_lagtime: int = 100,
-) -> pd.DataFrame:
-    """Ensemble mean squared displacement of drift-corrected trajectories.
-
-    The same estimator as trackpy's ``emsd`` (>= 0.7): each trajectory's MSD at lag ``t``
-    is weighted by its effective number of independent measurements (Qian et al. 1991),
-    counted over the frames it spans and scaled by the fraction it was detected in; lags a
-    trajectory could not measure because of gaps get weight 0 and its remaining weights are
-    scaled up to keep its total. Computed for all trajectories at once instead of one
-    trajectory at a time, which on the trackpy walkthrough movie is about 50x faster and
-    agrees to rounding.
-
-    Parameters
-    ----------
-    tracks : DataFrame
-        ``particle``, ``frame``, ``x_corrected``, ``y_corrected`` (px).
-    pixel_size : float
-        Physical size of a pixel (pixel_unit).
-    frame_interval : float
-        Seconds between frames.
-    max_lagtime : int
-        Longest lag, frames.
-
-    Returns
-    -------
-    DataFrame
-        ``lag`` (frames), ``lag_time`` (s), ``msd`` (pixel_unit^2), ``weight`` (effective
-        number of independent measurements summed over trajectories); only lags with a
-        positive MSD.
-    """
-    columns = {"lag": np.int64, "lag_time": float, "msd": float, "weight": float}
-    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
-    if tracks.empty:
-        return empty
-    grouped = tracks.groupby("particle", sort=True)["frame"]
-    n_rows = grouped.size().to_numpy()
-    span = (grouped.max() - grouped.min()).to_numpy() + 1
-    usable = n_rows >= 2
-    if not usable.any():
-        return empty
-    longest = int(min(max_lagtime, span[usable].max() - 1))
-    lags = np.arange(1, longest + 1)
-    msd = _LagPairs(tracks, longest).msd_matrix(lags)
-    in_range = lags[None, :] <= np.minimum(max_lagtime, span - 1)[:, None]
-    weight = _independent_measurements(span, lags) * (n_rows / span)[:, None]
-    weight = np.where(in_range & usable[:, None], weight, 0.0)
-    wanted = weight.sum(axis=1)
-    weight = np.where(np.isfinite(msd), weight, 0.0)
-    have = weight.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        weight *= np.where(have > 0, wanted / have, 0.0)[:, None]
-        total_weight = weight.sum(axis=0)
-        ensemble = np.nansum(np.where(weight > 0, msd, 0.0) * weight, axis=0) / total_weight
-    out = pd.DataFrame({"lag": lags.astype(np.int64), "lag_time": lags * float(frame_interval),
-                        "msd": ensemble * float(pixel_size) ** 2, "weight": total_weight})
-    return out[np.isfinite(out["msd"]) & (out["msd"] > 0)].reset_index(drop=True)
-
-
-def fit_power_law(msd: pd.DataFrame) -> dict[str, float]:
-    """Fit ``msd = A * lag_time ** n`` by linear regression in log-log space.
-
-    Returns
-    -------
-    dict
-        ``n`` (exponent; 1 for free diffusion) and ``A`` (pixel_unit^2/s^n; 4 D for free 2-D
-        diffusion); NaN when fewer than two positive points.
-    """
-    from scipy import stats
-
-    ok = (msd["msd"] > 0) & (msd["lag_time"] > 0)
-    if ok.sum() < 2:
-        return {"n": float("nan"), "A": float("nan")}
-    fit = stats.linregress(np.log(msd.loc[ok, "lag_time"]), np.log(msd.loc[ok, "msd"]))
-    return {"n": float(fit.slope), "A": float(np.exp(fit.intercept))}
 
 
 # --------------------------------------------------------------------------- scoring against truth

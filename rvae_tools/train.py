@@ -38,23 +38,45 @@ def history_path_for(model_path: str | Path) -> Path:
 
 
 def train(patches: list[str | Path], output: str | Path, settings: dict, *, device: str = "auto",
-          progress: bool = True, resume: bool = True, checkpoints: str | Path | None = None):
+          progress: bool = True, resume: bool = True, labels: str | Path | None = None,
+          movies: list[str] | None = None, checkpoints: str | Path | None = None):
     """Train on the windows of ``patches`` (patches.zarr stores) and save the model at ``output``.
 
-    ``checkpoints``: the per-epoch checkpoint folder (default :func:`checkpoint_dir_for`).
-    Returns the trained model; its ``checksum`` is the SHA-256 of ``output``.
+    ``labels`` (a CSV/Parquet labels file, see :mod:`rvae_tools.labels`) trains the class models
+    (``rvae.model`` ssrvae, ssvae; jrvae needs none); ``movies`` names the stores in the labels'
+    movie column (default: each store's folder name); ``checkpoints``: the per-epoch checkpoint
+    folder (default :func:`checkpoint_dir_for`). Returns the trained model; its ``checksum`` is
+    the SHA-256 of ``output``.
     """
     from .rvae import build_model
     from .rvae.data import WindowSource
+    from .rvae.semisupervised import CLASS_MODELS
 
     if not patches:
         raise InputError("no patches.zarr store was given; expected at least one")
+    if movies is not None and len(movies) != len(patches):
+        raise InputError(f"--labels-movie: {len(movies)} movie name(s) for {len(patches)} patches store(s); expected one per store")
     source = WindowSource([str(p) for p in patches], memory_mb=float(settings["memory_mb"]))
+    fit_labels, names = None, None
+    if settings["model"] in CLASS_MODELS and labels is not None and settings["model"] != "jrvae":
+        from .labels import read_labels, store_index, window_labels
+
+        stores = [store_index(p, m) for p, m in zip(patches, movies or [None] * len(patches))]
+        fit_labels, names = window_labels(read_labels(labels), stores, source=str(labels), classes=settings["classes"])
+        settings = {**settings, "classes": settings["classes"] or len(names)}
+    elif settings["model"] in ("ssrvae", "ssvae"):
+        raise InputError(f"rvae.model {settings['model']} learns classes from labelled windows; expected a labels "
+                         "file (--labels, or labels: in the movie's config entry)")
+    elif labels is not None:
+        log.warning("%s: rvae.model %s does not use labels; they are ignored", labels, settings["model"])
     model = build_model(settings, source.window_size)
+    if names is not None:
+        model.class_names = names
     output = Path(output)
+    extra = {"labels": fit_labels} if settings["model"] in CLASS_MODELS else {}
     folder = Path(checkpoints) if checkpoints is not None else checkpoint_dir_for(output)
     model.fit(source, checkpoint_dir=folder, resume=resume, device=device,
-              progress=progress, history_path=history_path_for(output))
+              progress=progress, history_path=history_path_for(output), **extra)
     model.save(output)
     log.info("wrote %s (sha256 %s)", output, model.checksum)
     return model
@@ -68,13 +90,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="per-epoch checkpoint folder (default: <model stem>.checkpoints beside the model)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even when checkpoints exist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--labels", default=None, metavar="LABELS",
+                        help="CSV/Parquet of (movie, particle, frame, class) or (movie, particle, class) "
+                             "for rvae.model ssrvae / ssvae")
+    parser.add_argument("--labels-movie", action="append", default=None, metavar="NAME",
+                        help="movie name of each patches store in the labels' movie column, in order "
+                             "(default: the store's folder name)")
     add_settings_arguments(parser, "rvae")
 
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, "rvae")
     train(args.patches, args.output, settings, device=args.device, progress=not args.no_progress,
-          resume=not args.no_resume, checkpoints=args.checkpoints)
+          resume=not args.no_resume, labels=args.labels, movies=args.labels_movie,
+          checkpoints=args.checkpoints)
     return 0
 
 

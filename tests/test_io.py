@@ -75,3 +75,36 @@ def test_json_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(InputError, match="not valid JSON"):
         read_json(tmp_path / "bad.json")
+
+
+def test_killed_write_leftovers_are_removed_by_the_next_write(tmp_path):
+    """A writer killed with SIGKILL leaves its temporary; the next write of that path removes
+    it (its PID is dead), while a live writer's temporary and other files are kept."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "out.zarr"
+    writer = (
+        "import sys, time\n"
+        "from rvae_tools.io import atomic_output\n"
+        "with atomic_output(sys.argv[1]) as tmp:\n"
+        "    tmp.mkdir(); (tmp / 'part').write_text('half'); print('writing', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(target)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (leftover,) = tmp_path.iterdir()
+    assert leftover.name.startswith(f".out.zarr.tmp-{proc.pid}-")
+    # A killed rename leaves the previous output moved aside; a live writer's temporary.
+    (tmp_path / f".out.zarr.old-{proc.pid}-0123abcd").mkdir()
+    live = tmp_path / f".out.zarr.tmp-{os.getpid()}-89abcdef"
+    live.mkdir()
+    other = tmp_path / ".other.zarr.tmp-1-0123abcd"
+    other.mkdir()
+
+    write_json({"a": 1}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out.zarr"])
+    assert read_json(target) == {"a": 1}

@@ -191,6 +191,25 @@ def test_probability_map_and_tiling_agree(tiny_model):
     assert abs(len(whole) - len(tiled)) <= 0.1 * len(whole)
 
 
+def test_streamed_probability_store_equals_the_in_memory_map(tiny_model, tmp_path):
+    from rvae_tools.io import open_zarr
+    from rvae_tools.segment.store import ProbabilityStore
+
+    settings, model, config, _ = tiny_model
+    images, _, _ = _held_out()
+    images = np.concatenate([images, images[:1]])  # 5 frames: two full chunks of 2 and a partial one
+    _, whole = segment_movie(images, settings, model=model, model_config=config, keep_probability=True)
+    with ProbabilityStore(tmp_path / "p.zarr", {"pixel_size": 1.0}, chunk_frames=2) as store:
+        segment_movie(images, settings, model=model, model_config=config, probability_sink=store)
+        assert store.frames_written == 4  # only one chunk's frames wait in memory
+    streamed = open_zarr(tmp_path / "p.zarr", required=["probability"])["probability"].values
+    np.testing.assert_allclose(streamed, whole, atol=1e-6)
+    with pytest.raises(RuntimeError, match="boom"), ProbabilityStore(tmp_path / "q.zarr", {}, chunk_frames=1) as store:
+        store(0, whole[0])
+        raise RuntimeError("boom")
+    assert not (tmp_path / "q.zarr").exists()  # a failed run leaves no half-written map
+
+
 def test_checkpoint_roundtrip_and_bad_checkpoints(tiny_model, tmp_path):
     _, model, config, _ = tiny_model
     path = tmp_path / "seg.pt"

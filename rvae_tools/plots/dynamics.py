@@ -69,6 +69,8 @@ def _frame_to_time(dyn: xr.Dataset, frame):
         interval = float(interval)
     except (TypeError, ValueError):
         interval = 1.0
+    if not math.isfinite(interval):
+        interval = 1.0  # unknown frame interval: times are frames
     return float(frame) * interval
 
 
@@ -80,7 +82,7 @@ def _latent_density(lat, dyn, out, **kw):
     fig, axes = new_figure(rows, 1, figsize=(7, 2.2 * rows), sharex=True, squeeze=False)
     axes = axes[:, 0]
     hist = dyn["angle_hist"].sum("species_index").values.T.astype(float)
-    n = table[0]["symmetry"] if len(table) == 1 else 1
+    n = max(int(table[0]["symmetry"]), 1) if len(table) == 1 else 1  # 0 = isotropic: an empty histogram
     label = "n·angle (rad)" if len(table) > 1 else f"angle mod {360 // n}° (deg)"
     ext_y = (0, 2 * np.pi) if len(table) > 1 else (0, 360 / n)
     extent = (t[0], t[-1] if len(t) > 1 else t[0] + 1, *ext_y)
@@ -114,13 +116,17 @@ def _latent_maps(lat, dyn, out, movie_dir=None, **kw):
     frames = np.asarray(lat["frame"].values)
     picks = sorted({0, len(frames) // 2, len(frames) - 1})
     sym = dyn["symmetry"].values if "symmetry" in dyn else np.full(lat.sizes["particle"], 2)
+    # Isotropic particles (symmetry 0) and pose-less angles have no orientation: dots, no sticks.
+    oriented = (sym > 0) & (dyn.attrs.get("angles", "rVAE") == "rVAE")
+    sym = np.maximum(sym, 1)
     fig, axes = new_figure(2, len(picks), figsize=(3.6 * len(picks), 6.6), squeeze=False)
     has_z = "z" in lat.variables
     for col, fi in enumerate(picks):
         x = lat["x"].isel(frame=fi).values
         y = lat["y"].isel(frame=fi).values
         th = lat["angle"].isel(frame=fi).values
-        ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(th)
+        ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(th) & oriented
+        dots = np.isfinite(x) & np.isfinite(y) & ~ok
         canon = np.degrees(np.mod(th, 2 * np.pi / sym)) * sym / 360.0  # fraction of the symmetry period
         z1 = lat["z"].isel(frame=fi, latent=0).values if has_z else np.full_like(x, np.nan)
         img = _movie_frame(movie_dir, frames[fi]) if movie_dir is not None else None
@@ -129,6 +135,8 @@ def _latent_maps(lat, dyn, out, movie_dir=None, **kw):
             ax = axes[row, col]
             if img is not None:
                 ax.imshow(img, cmap="gray", origin="upper", alpha=0.6)
+            if dots.any():
+                ax.plot(x[dots], y[dots], ".", color="0.3", ms=3)
             length = 6.0
             u, v = np.cos(th[ok]) * length, np.sin(th[ok]) * length
             q = ax.quiver(x[ok], y[ok], u, v, values[ok], cmap=cmap, pivot="middle", headwidth=0, headlength=0,
@@ -219,6 +227,8 @@ def _orientation(lat, dyn, out, **kw):
     width = phase[1] - phase[0] if len(phase) > 1 else 2 * np.pi
     for s, spec in enumerate(table):
         n = spec["symmetry"]
+        if n == 0:
+            continue  # isotropic: no orientation to histogram
         deg = np.degrees(phase / n)
         for k, (name, sl) in enumerate(thirds.items()):
             h = dyn["angle_hist"].isel(species_index=s, frame=sl).sum("frame").values.astype(float)

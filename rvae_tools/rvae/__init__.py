@@ -4,7 +4,7 @@ Modules: :mod:`.networks` (encoders and coordinate decoders), :mod:`.losses` (KL
 likelihoods), :mod:`.model` (:class:`RVAE`), :mod:`.trainer` (the training loop, for any model
 with the documented methods), :mod:`.checkpoint` (reading and checking checkpoints, the resume
 fingerprint), :mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE,
-Gaussian mixture).
+Gaussian mixture), :mod:`.semisupervised` (class latents: ssrvae, jrvae, conditional, ssvae).
 """
 
 from .model import RVAE, wrap_angle
@@ -13,8 +13,12 @@ __all__ = ["RVAE", "build_model", "load_model", "wrap_angle"]
 
 
 def build_model(settings: dict, window_size):
-    """The model the ``rvae.model`` setting selects: RVAE, the plain VAE or the Gaussian mixture."""
+    """The model the ``rvae.model`` setting selects: RVAE, a class model, the plain VAE or the Gaussian mixture."""
+    from .semisupervised import CLASS_MODELS, ClassRVAE
+
     kind = settings.get("model", "rvae")
+    if kind in CLASS_MODELS:
+        return ClassRVAE.from_settings(settings, window_size)
     if kind == "gmm":
         from .baselines import WindowGMM
 
@@ -30,10 +34,13 @@ def load_model(path, **expect):
     """Load any model that :func:`build_model` can make (dispatches on the checkpoint's kind)."""
     from .baselines import PlainVAE, WindowGMM
     from .checkpoint import read_checkpoint
+    from .semisupervised import CLASS_MODELS, ClassRVAE
 
     kind = read_checkpoint(path)["kind"]
     if kind == "gmm":
         return WindowGMM.load(path, **expect)
     if kind == "vae":
         return PlainVAE.load(path, **expect)
+    if kind in CLASS_MODELS:
+        return ClassRVAE.load(path, **expect)
     return RVAE.load(path, **expect)

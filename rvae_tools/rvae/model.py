@@ -400,8 +400,8 @@ class RVAE:
         """A model from checkpoint contents checked by :func:`.checkpoint.read_checkpoint`."""
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise InputError(f"{source}: not an rvae-tools model checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})")
-        if payload.get("kind") not in ("rvae", "vae"):
-            raise InputError(f"{source}: checkpoint holds a {payload.get('kind')!r} model; expected 'rvae' or 'vae'")
+        if payload.get("kind") == "gmm":
+            raise InputError(f"{source}: checkpoint holds a Gaussian mixture, not a neural model (use load_model)")
         config = dict(payload["config"])
         window_size = tuple(config.pop("window_size"))
         try:

@@ -316,9 +316,20 @@ class EquivariantEncoder(nn.Module):
                              align_corners=True)
         return F.avg_pool2d(fine, 2)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def polar_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features (B, C, A) on the polar grid around the estimated centre, and the shift posterior.
+
+        A rotation of the window by a multiple of 2 pi / A cyclically shifts the last axis.
+        """
         t_mu, t_logsd = self.shift(x)
-        feats = self._features(self.sample_polar(x, t_mu))        # (B, C, A)
+        return self._features(self.sample_polar(x, t_mu)), t_mu, t_logsd
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads(x, *self.polar_features(x))
+
+    def heads(self, x: torch.Tensor, feats: torch.Tensor, t_mu: torch.Tensor,
+              t_logsd: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rotation, angle and content posteriors from :meth:`polar_features`."""
         b, _c, a = feats.shape
         r, s = self.rotations, self.per_rot
         head = self.rot_head(feats).view(b, 3, r, s).mean(-1)     # (B, 3, r)

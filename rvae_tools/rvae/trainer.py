@@ -183,11 +183,14 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
 
     stopped = bool(history) and bool(history[-1].get("stopped_early", False))
     bar = None
-    if progress and start_epoch < epochs and not stopped:
+    # A bar only where a person watches a terminal; in a log file its carriage-return updates
+    # are unreadable, so there each epoch gets one log line instead (below).
+    if progress and start_epoch < epochs and not stopped and _is_terminal(sys.stderr):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, unit="batch",
                    desc="train", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    run_start, epochs_run = time.perf_counter(), 0
     try:
         for epoch in range(start_epoch, epochs):
             if stopped:
@@ -255,8 +258,11 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
             history.append(row)
             if bar is not None:
                 bar.set_postfix(loss=f"{row['train_loss']:.1f}", val=f"{val_loss:.1f}")
-            log.info("epoch %d/%d: train %.2f val %.2f (%.0f windows/s)", epoch + 1, epochs,
-                     row["train_loss"], val_loss, row["windows_per_s"])
+            epochs_run += 1
+            left = (time.perf_counter() - run_start) / epochs_run * (epochs - epoch - 1)
+            log.info("epoch %d/%d: loss %.2f, validation loss %.2f, %.0f windows/s, %s left%s",
+                     epoch + 1, epochs, row["train_loss"], val_loss, row["windows_per_s"],
+                     _duration(0.0 if stopped else left), " (stopped early)" if stopped else "")
             if folder is not None:
                 payload = {
                     **model.state(),
@@ -293,6 +299,25 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
     return frame
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # a closed or replaced stream
+        return False
+
+
+def _duration(seconds: float) -> str:
+    """``1 h 02 min``, ``3 min 05 s`` or ``12 s``: time left in a log line."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
 def _evaluate(model, source, idx, batch_size, dev, use_amp, seed, epoch) -> float:
     from ..device import autocast, to_device
 
@@ -315,6 +340,8 @@ def _fingerprint_parts(model, source: WindowSource, stats: dict, n_training: int
     """Everything that determines the trained weights, as JSON-able values."""
     from .. import __version__
 
+    import hashlib
+
     settings = {k: v for k, v in model.config.items() if k not in RUN_ONLY_SETTINGS}
     if model.settings.get("lr_schedule") == "cosine":
         settings["epochs"] = int(epochs)  # the schedule's period is the total number of epochs
@@ -326,6 +353,9 @@ def _fingerprint_parts(model, source: WindowSource, stats: dict, n_training: int
         "amp": bool(use_amp),
         "windows": {"checksum": stats["sha256"], "n_training": int(n_training),
                     "n_total": len(source), "stores": source.store_settings(), "in_memory": bool(source.in_memory)},
+        # A source may carry per-window targets (the class models' labels): they shape the weights too.
+        "labels": (hashlib.sha256(np.ascontiguousarray(source.labels, dtype="<i8").tobytes()).hexdigest()
+                   if getattr(source, "labels", None) is not None else None),
     }
 
 

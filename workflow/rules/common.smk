@@ -1,14 +1,37 @@
 # Shared helpers: config validation (before any rule runs), per-stage settings, paths.
+import copy
 import json
 import os
+import re
 import shlex
 import sys
 
-from rvae_tools.config import movie_entry, stage_settings, validate_config
+from rvae_tools.config import check_config, movie_entry, read_config_file, stage_settings, validate_config
 from rvae_tools.errors import InputError
 
+
+def _checked_config():
+    """Validate the config before any rule runs; errors name the file that holds the key.
+
+    Each config file is read strictly (empty file, duplicate key, YAML line and column) and
+    validated on its own, then the merged config. Movies listed in a file given on the
+    command line (--configfile) replace the workflow's default list instead of being merged
+    into it: a user's config is the user's, the demo is not added to it."""
+    user = workflow.config_settings.overwrite_config or {}
+    for path in workflow.configfiles:
+        validate_config(read_config_file(path), source=str(path))
+    if "movies" in user:
+        config["movies"] = copy.deepcopy(user["movies"])
+    source = " + ".join(map(str, workflow.configfiles)) or "config"
+    validate_config(config, source=source)
+    if workflow.is_main_process:
+        # The movies' headers and, for local jobs, the device (a cluster's submit host
+        # may have no GPU while its compute nodes do).
+        check_config(config, source=source, device=workflow.local_exec)
+
+
 try:
-    validate_config(config, source="config")
+    _checked_config()
 except InputError as _error:
     sys.exit(f"rvae-tools: invalid configuration: {_error}")
 
@@ -70,11 +93,32 @@ def movie_source(wildcards):
 
 
 def final_outputs():
-    """The targets of `rule all`, for every movie. Its dynamics and every figure pull in
-    every earlier stage. (FIGURES comes from dynamics.smk, included before `rule all`.)"""
-    outputs = expand(f"{RESULTS}/{{movie}}/dynamics.zarr", movie=MOVIES)
-    stems = [stem for stage_stems in FIGURES.values() for stem in stage_stems]
-    outputs += expand(f"{RESULTS}/{{movie}}/figures/{{stem}}.png", movie=MOVIES, stem=stems)
+    """The targets of the `all` rule (the default target), which are every declared output
+    of every stage, for every movie (and model scope) it applies to, so that a missing
+    output (a store deleted, a killed --forcerun) is always rebuilt rather than reported up
+    to date because the files downstream of it are still there. Called after every rule is
+    defined."""
+    from itertools import product
+
+    from snakemake.io import apply_wildcards, get_wildcard_names, regex_from_filepattern
+
+    values = {"movie": MOVIES, "scope": ["pooled"] if _rvae_pooled() else MOVIES}
+    # Rules whose movie wildcard is not constrained to the movies they apply to.
+    applies_to = {"simulate": SIMULATED}
+    outputs = []
+    for stage in workflow.rules:
+        if stage.name == "all":
+            continue
+        for pattern in map(str, stage.output):
+            names = sorted(get_wildcard_names(pattern))
+            if not set(names) <= set(values):
+                continue  # a wildcard whose values only the rule itself knows
+            choices = [applies_to.get(stage.name, values[n]) if n == "movie" else values[n] for n in names]
+            regex = re.compile(regex_from_filepattern(pattern))
+            for combo in product(*choices):
+                path = apply_wildcards(pattern, dict(zip(names, combo)))
+                if regex.fullmatch(path):  # the rule's wildcard constraints: its movies only
+                    outputs.append(path)
     return outputs
 
 

@@ -20,4 +20,4 @@ rule encode:
         "../envs/encode.yaml"
     shell:
         "OMP_NUM_THREADS={threads} rvae-tools encode {input.patches:q} {input.model:q} -o {output:q}"
-        " --device {params.device:q} --settings {params.settings:q} > {log} 2>&1"
+        " --device {params.device:q} --settings {params.settings:q} > {log:q} 2>&1"

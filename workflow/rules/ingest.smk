@@ -17,4 +17,4 @@ rule ingest:
     conda:
         "../envs/ingest.yaml"
     shell:
-        "rvae-tools ingest {input:q} -o {output:q} --options {params.options:q} > {log} 2>&1"
+        "rvae-tools ingest {input:q} -o {output:q} --options {params.options:q} > {log:q} 2>&1"

@@ -32,7 +32,7 @@ rule train_segmenter:
         "../envs/train_segmenter.yaml"
     shell:
         "rvae-tools train-segmenter -o {output.model:q} --history {output.history:q} {params.extra} "
-        "--device {params.device} --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+        "--device {params.device:q} --threads {threads} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule segment:
@@ -60,8 +60,8 @@ rule segment:
         "../envs/segment.yaml"
     shell:
         "rvae-tools segment {input.movie:q} -o {output.detections:q} --checkpoint {input.checkpoint:q} "
-        "--probability {output.probability:q} --device {params.device} --threads {threads} "
-        "--settings {params.settings:q} > {log} 2>&1"
+        "--probability {output.probability:q} --device {params.device:q} --threads {threads} "
+        "--settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule segment_locate:
@@ -85,4 +85,4 @@ rule segment_locate:
     conda:
         "../envs/segment.yaml"
     shell:
-        "rvae-tools segment {input.movie:q} -o {output.detections:q} --settings {params.settings:q} > {log} 2>&1"
+        "rvae-tools segment {input.movie:q} -o {output.detections:q} --settings {params.settings:q} > {log:q} 2>&1"

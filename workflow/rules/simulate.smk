@@ -18,4 +18,4 @@ rule simulate:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "rvae-tools simulate --outdir {params.outdir} --settings {params.settings:q} > {log} 2>&1"
+        "rvae-tools simulate --outdir {params.outdir:q} --settings {params.settings:q} > {log:q} 2>&1"

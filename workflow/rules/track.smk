@@ -25,4 +25,4 @@ rule track:
         "rvae-tools track {input.detections:q} --movie-zarr {input.movie:q}"
         " --tracks {output.tracks:q} --drift {output.drift:q}"
         " --trajectories {output.trajectories:q} --msd {output.msd:q}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        " --settings {params.settings:q} > {log:q} 2>&1"

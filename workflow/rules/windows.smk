@@ -28,4 +28,4 @@ rule windows:
         "../envs/windows.yaml"
     shell:
         "rvae-tools windows {input.movie:q} {input.tracks:q} -o {output:q} {params.probability}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        " --settings {params.settings:q} > {log:q} 2>&1"

@@ -1,0 +1,172 @@
+"""``rvae-tools classify``: the class of every window from a model with a class latent.
+
+The classifier head of an ``ssrvae`` / ``jrvae`` / ``ssvae`` model gives ``q(class | window)``;
+this command writes it per window to a Parquet table, and :func:`class_variables` lays it out
+on the ``(particle, frame)`` grid of ``latents.zarr`` with a majority class per trajectory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def has_classes(model: Any) -> bool:
+    """Whether ``model`` has a class latent (a classifier head)."""
+    return int(getattr(model, "classes", 0) or 0) > 0 and hasattr(model, "class_probabilities")
+
+
+def class_table(particle: np.ndarray, frame: np.ndarray, prob: np.ndarray, class_names: list) -> pd.DataFrame:
+    """Per-window table: particle, frame, cls (class value), cls_index, cls_prob (of cls), prob_<class> each.
+
+    ``prob`` (n, K) are the class probabilities of the windows.
+    """
+    best = prob.argmax(1) if len(prob) else np.empty(0, np.int64)
+    names = np.asarray(class_names, dtype=object)
+    df = pd.DataFrame({"particle": np.asarray(particle, np.int64), "frame": np.asarray(frame, np.int64),
+                       "cls": _values(names[best] if len(best) else np.empty(0, object)),
+                       "cls_index": best.astype(np.int64),
+                       "cls_prob": prob[np.arange(len(prob)), best].astype(np.float32) if len(prob) else np.empty(0, np.float32)})
+    for i, name in enumerate(class_names):
+        df[f"prob_{name}"] = prob[:, i].astype(np.float32)
+    return df
+
+
+def _values(values: np.ndarray) -> np.ndarray:
+    """Class values as int64 when every name is an integer, else str."""
+    if len(values) and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return values.astype(np.int64)
+    return values.astype(str).astype(object)
+
+
+def trajectory_classes(prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Majority class index (P,) of each trajectory and its confidence, from ``prob`` (P, F, K) (NaN = no window).
+
+    The majority is the most frequent per-window class (ties: the larger summed probability);
+    the confidence is the mean probability of that class over the trajectory's windows.
+    Trajectories without windows get -1 and NaN.
+    """
+    p, _f, k = prob.shape
+    valid = np.isfinite(prob).all(-1)
+    best = np.where(valid, np.nan_to_num(prob).argmax(-1), -1)
+    votes = np.stack([(best == c).sum(1) for c in range(k)], 1).astype(np.float64)
+    summed = np.nan_to_num(prob).sum(1)
+    # Votes dominate; the summed probability (< frames) only breaks ties.
+    score = votes * (prob.shape[1] + 1) + summed
+    major = score.argmax(1)
+    n = valid.sum(1)
+    conf = np.where(n > 0, summed[np.arange(p), major] / np.maximum(n, 1), np.nan)
+    major = np.where(n > 0, major, -1)
+    return major.astype(np.int64), conf.astype(np.float32)
+
+
+def class_variables(prob: np.ndarray, class_names: list) -> tuple[dict[str, Any], dict[str, Any]]:
+    """latents.zarr variables and coords of the class probabilities ``prob`` (P, F, K) on (particle, frame).
+
+    Returns (data_vars, coords): ``cls_prob(particle, frame, class)``, ``cls_window(particle,
+    frame)`` (class index, -1 = no window), ``cls(particle)`` (majority class value),
+    ``cls_confidence(particle)``; coord ``class`` (the class values).
+    """
+    major, conf = trajectory_classes(prob)
+    names = np.asarray(class_names, dtype=object)
+    values = _values(names)
+    cls = values[np.clip(major, 0, None)]
+    if cls.dtype == object:
+        cls = np.where(major >= 0, cls, "").astype(object)
+    else:
+        cls = np.where(major >= 0, cls, -1)
+    valid = np.isfinite(prob).all(-1)
+    window_cls = np.where(valid, np.nan_to_num(prob).argmax(-1), -1).astype(np.int16)
+    data_vars = {
+        "cls_prob": (("particle", "frame", "class"), prob.astype(np.float32),
+                     {"units": "1", "description": "probability of each class for the window (classifier q(class | window))"}),
+        "cls_window": (("particle", "frame"), window_cls,
+                       {"units": "1", "description": "most probable class index of the window (-1 = no window); see coord class"}),
+        "cls": (("particle",), cls, {"description": "majority class of the trajectory's windows"}),
+        "cls_confidence": (("particle",), conf,
+                           {"units": "1", "description": "mean probability of the majority class over the trajectory's windows"}),
+    }
+    coords = {"class": ("class", values, {"description": "class values, in the model's index order"})}
+    return data_vars, coords
+
+
+def classify_patches(patches_path: str | Path, model_path: str | Path, output: str | Path, *,
+                     device: str = "auto", batch_size: int | None = None, progress: bool = True,
+                     model: Any = None) -> pd.DataFrame:
+    """Classify every window of ``patches_path`` with the class model at ``model_path``; write ``output`` (Parquet).
+
+    Returns the table written (see :func:`class_table`).
+    """
+    from tqdm import tqdm
+
+    from .io import open_zarr, write_table
+    from .provenance import provenance_attrs
+
+    patches_path, model_path, output = Path(patches_path), Path(model_path), Path(output)
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size must be a positive number of windows, got {batch_size}")
+    patches = open_zarr(patches_path, required=["window", "particle", "frame"], what="patches store")
+    window = patches["window"]
+    if window.ndim != 3 or window.dims[0] != "obs":
+        raise InputError(f"{patches_path}: window must have dims (obs, wy, wx); found {window.dims}")
+    if model is None:
+        from .rvae import load_model
+
+        model = load_model(model_path)
+    if not has_classes(model):
+        raise InputError(f"{model_path}: the model ({getattr(model, 'settings', {}).get('model', '?')}) has no classes; "
+                         "expected one trained with rvae.model ssrvae, jrvae or ssvae")
+    from .encode import check_compatible
+
+    check_compatible(model, tuple(window.shape[1:]), model_path=model_path, patches_path=patches_path)
+    n = int(window.shape[0])
+    prob = np.empty((n, model.classes), np.float32)
+    block = max(int((window.encoding.get("chunks") or (4096,))[0]), batch_size or 0)
+    with tqdm(total=n, unit="win", desc="classify", file=sys.stderr, disable=not progress,
+              mininterval=1.0 if sys.stderr.isatty() else 15.0) as bar:
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            prob[start:stop] = model.class_probabilities(np.asarray(window[start:stop].values, np.float32),
+                                                         batch_size=batch_size, device=device)
+            bar.update(stop - start)
+    table = class_table(patches["particle"].values, patches["frame"].values, prob, model.class_names)
+    write_table(table, output, metadata={
+        "class_names": list(model.class_names),
+        **provenance_attrs(settings=getattr(model, "config", {}), seed=int(model.settings.get("seed") or 0),
+                           model_checksum=getattr(model, "checksum", None), stage="classify",
+                           inputs={"patches": str(patches_path), "model": str(model_path)}),
+    })
+    counts = table["cls"].value_counts().to_dict()
+    log.info("%s: %d windows classified (%s)", output, n, ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return table
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("patches", help="windows store (patches.zarr)")
+    parser.add_argument("model", help="model with classes (model.pt of rvae.model ssrvae, jrvae or ssvae)")
+    parser.add_argument("-o", "--output", required=True, help="table to write (classes.parquet)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the model's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    classify_patches(args.patches, args.model, args.output, device=args.device, batch_size=args.batch_size,
+                     progress=not args.no_progress)
+    return 0
+
+
+COMMANDS = {"classify": (configure, run)}

@@ -1,0 +1,76 @@
+"""A user's config is the user's: `snakemake --configfile my.yaml` with `movies:` replaces the
+workflow's default movies (no demo added, the pooled model trained on the user's movies only),
+and Snakemake-side config errors name the file and line before any rule runs."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from _workflow import SNAKEFILE, tool_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dry_run(work: Path, *configfiles: Path) -> subprocess.CompletedProcess:
+    # The workflow's own config/config.yaml (the demo) is there, as in a checkout.
+    (work / "config").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "config" / "config.yaml", work / "config" / "config.yaml")
+    args = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(work),
+            "--dry-run", "--forceall", "--cores", "1", "--workflow-profile", "none"]
+    if configfiles:
+        args += ["--configfile", *map(str, configfiles)]
+    return subprocess.run(args, cwd=work, env=tool_env(), capture_output=True, text=True, timeout=300, check=False)
+
+
+def _jobs(out: str) -> list[tuple[str, str]]:
+    """(rule, wildcards-and-inputs text) of each planned job."""
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", out):
+        m = re.match(r"(?:local)?rule (\w+):", block)
+        if m:
+            jobs.append((m.group(1), block))
+    return jobs
+
+
+def test_configfile_movies_replace_the_demo(tmp_path):
+    work = tmp_path / "work"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"movies": {"mine": {"simulate": {"frames": 5}}, "other": {"simulate": {}}}}))
+    proc = _dry_run(work, mine)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jobs = _jobs(proc.stdout + proc.stderr)
+    simulated = sorted(re.search(r"wildcards: movie=(\S+)", b).group(1) for r, b in jobs if r == "simulate")
+    assert simulated == ["mine", "other"]
+    train = [b for r, b in jobs if r == "train"]
+    assert len(train) == 1 and "results/mine/patches.zarr" in train[0] and "results/other/patches.zarr" in train[0]
+    assert "demo" not in proc.stdout
+
+    # Without movies of its own, a user's file keeps the default movie list.
+    seed_only = tmp_path / "seed.yaml"
+    seed_only.write_text("seed: 4\n")
+    proc = _dry_run(work, seed_only)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [re.search(r"movie=(\S+)", b).group(1) for r, b in _jobs(proc.stdout) if r == "simulate"] == ["demo"]
+
+
+def test_snakemake_config_errors_name_the_file_and_line(tmp_path):
+    work = tmp_path / "work"
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("seed: 1\nmovies:\n  a: {simulate: {}}\nseed: 2\n")
+    proc = _dry_run(work, dup)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    line = next(line for line in out.splitlines() if "invalid configuration" in line)
+    assert f"{dup}: line 4: duplicate key 'seed'" in line
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("movies:\n  a: {simulate: {height: 24, width: 30}}\n")
+    proc = _dry_run(work, bad)
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "invalid configuration" in line)
+    assert str(bad) in line and "movies.a.windows.size" in line and "do not fit" in line
+    assert not (work / "results").exists()
