@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from ..errors import InputError
-from .data import WindowSource
 from .checkpoint import FORMAT, FORMAT_VERSION, check_compatible, read_checkpoint
+from .data import WindowSource
 from .model import RVAE
 
 #: encode() outputs that describe a pose; NaN for models that infer none.

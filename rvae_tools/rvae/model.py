@@ -21,7 +21,7 @@ from .checkpoint import FORMAT, FORMAT_VERSION, check_compatible, read_checkpoin
 from .networks import NoPoseEncoder, TemplateDecoder, build_decoder, build_encoder
 from .trainer import fit as _fit
 
-__all__ = ["RVAE", "wrap_angle", "FORMAT", "FORMAT_VERSION", "check_compatible", "read_checkpoint"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "RVAE", "check_compatible", "read_checkpoint", "wrap_angle"]
 #: nats per squared pixel of template-centroid offset (see RVAE.loss).
 CENTRE_WEIGHT = 10.0
 

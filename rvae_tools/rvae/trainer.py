@@ -100,13 +100,18 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
 
     Parameters
     ----------
-    model : RVAE
-    windows : ndarray (n, wy, wx), list of arrays, or patches.zarr path(s)
+    model : object
+        Anything with the attributes and methods listed in the module docstring (RVAE, PlainVAE,
+        the class models).
+    windows : ndarray (n, wy, wx), list of arrays, patches.zarr path(s) or a WindowSource
+        At most ``settings["max_windows"]`` of them are trained and validated on
+        (:func:`.data.sample_windows`).
     epochs, batch_size : int, optional
         Override the settings' ``epochs`` / ``batch_size``.
     checkpoint_dir : path, optional
-        A checkpoint ``epoch-NNNN.pt`` is written here after every epoch (the last three are
-        kept); with ``resume`` the newest one is continued from.
+        A checkpoint ``<fingerprint>/epoch-NNNN.pt`` is written here after every epoch (the
+        last three are kept); with ``resume`` the newest one of the same fingerprint is
+        continued from (see the module docstring).
     device : str
         "auto", "cpu", "cuda", "cuda:N" or "mps".
     progress : bool
@@ -165,18 +170,23 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
         folder = _checkpoint_folder(Path(checkpoint_dir), fingerprint, description, resume)
         ckpt = _load_resumable(_checkpoints(folder), fingerprint, epochs) if resume else None
         if ckpt is not None:
-            model.net.load_state_dict(ckpt["state_dict"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler is not None and ckpt.get("scheduler"):
-                scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            train_idx = ckpt["train_index"].numpy()
-            val_idx = ckpt["val_index"].numpy()
+            try:
+                model.net.load_state_dict(ckpt["state_dict"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                if scheduler is not None and ckpt.get("scheduler"):
+                    scheduler.load_state_dict(ckpt["scheduler"])
+                if ckpt.get("scaler"):
+                    scaler.load_state_dict(ckpt["scaler"])
+                train_idx = ckpt["train_index"].numpy()
+                val_idx = ckpt["val_index"].numpy()
+                best_state = ckpt.get("best_state_dict")
+                history = [dict(row) for row in ckpt["history"]]
+            except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputError(f"{ckpt['_path']}: cannot resume from this checkpoint ({first[:200]}); "
+                                 f"delete {folder} to train afresh") from None
             start_epoch = int(ckpt["epoch"]) + 1
             best_loss, bad_epochs = float(ckpt["best_loss"]), int(ckpt["bad_epochs"])
-            best_state = ckpt.get("best_state_dict")
-            history = [dict(row) for row in ckpt["history"]]
             log.info("resuming from %s (epoch %d of %d)", ckpt["_path"], start_epoch, epochs)
         else:
             log.info("training afresh in %s", folder)
@@ -338,9 +348,9 @@ def _evaluate(model, source, idx, batch_size, dev, use_amp, seed, epoch) -> floa
 def _fingerprint_parts(model, source: WindowSource, stats: dict, n_training: int, epochs: int, batch_size: int,
                        use_amp: bool) -> dict[str, Any]:
     """Everything that determines the trained weights, as JSON-able values."""
-    from .. import __version__
-
     import hashlib
+
+    from .. import __version__
 
     settings = {k: v for k, v in model.config.items() if k not in RUN_ONLY_SETTINGS}
     if model.settings.get("lr_schedule") == "cosine":
