@@ -185,3 +185,57 @@ def test_training_budget_spreads_over_movies_and_frames(tmp_path):
     assert np.array_equal(used, sample_windows(source, 30, seed=1))  # the model's seed
     assert m.normalisation["n_training_windows"] == 30 and m.normalisation["n_windows"] == 120
     assert len(m.encode(source, device="cpu")["z"]) == 120
+
+
+# --------------------------------------------------------------------------- the trainer's contract
+
+
+class LinearAutoencoder:
+    """Not an rVAE: the smallest object with the methods the trainer documents."""
+
+    def __init__(self, size: int = 12, seed: int = 0):
+        from rvae_tools.rvae.checkpoint import FORMAT
+
+        torch.manual_seed(seed)
+        self.window_size = (size, size)
+        self.settings = {"epochs": 3, "batch_size": 8, "seed": seed, "lr": 1e-2, "lr_schedule": "none", "patience": 0,
+                         "kl_weight": 1.0, "kl_warmup_epochs": 0, "train_fraction": 0.75, "amp": False,
+                         "restore_best": False, "memory_mb": 64, "max_windows": None}
+        self.config = {**self.settings, "window_size": [size, size], "kind": "linear"}
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(size * size, 2), torch.nn.Linear(2, size * size))
+        self.normalisation = {}
+        self._format = FORMAT
+
+    def to(self, device):
+        self.net.to(device)
+        return self
+
+    def loss(self, x, beta=1.0, sample=True):
+        rec = ((self.net(x) - x.flatten(1)) ** 2).sum(1)
+        return rec.mean(), {"rec": rec}
+
+    def state(self):
+        return {"format": self._format, "format_version": 1, "kind": "linear", "config": self.config,
+                "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()}}
+
+
+def test_the_trainer_trains_and_resumes_any_model_with_the_documented_methods(tmp_path, x):
+    from rvae_tools.rvae.trainer import fit as train
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch, row):
+        if epoch == 2:
+            raise Stop
+
+    whole = LinearAutoencoder()
+    hist = train(whole, x, device="cpu", progress=False)
+    assert len(hist) == 3 and hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+    first = LinearAutoencoder()
+    with pytest.raises(Stop):
+        train(first, x, checkpoint_dir=tmp_path, device="cpu", progress=False, callback=stop)
+    resumed = LinearAutoencoder()
+    train(resumed, x, checkpoint_dir=tmp_path, device="cpu", progress=False)
+    a, b = whole.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,7 +12,9 @@ and :class:`~.baselines.PlainVAE` do):
 - ``net``: a ``torch.nn.Module`` holding every parameter (those with ``requires_grad`` False
   are not trained); ``to(device)``;
 - ``loss(x, beta=..., sample=...)``: (mean loss, dict of per-window parts in nats);
-- ``state()``: dict of tensors and plain values saved in every checkpoint;
+- ``state()``: dict of tensors and plain values saved in every checkpoint, with the keys
+  :func:`.checkpoint.read_checkpoint` checks (``format``, ``format_version``, ``kind``,
+  ``config`` holding ``window_size``, ``state_dict``);
 - ``normalisation``: a dict attribute the trainer fills with the windows' statistics.
 
 Resume: checkpoints go to ``checkpoint_dir/<fingerprint>/``, where the fingerprint
