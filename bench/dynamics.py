@@ -143,6 +143,33 @@ def demo_settings(meta: dict, seed: int, **extra) -> dict:
     return settings
 
 
+def memory_at(n_particles: int, frames: int, seed: int = 0) -> dict[str, float]:
+    """Peak Python memory (tracemalloc) of ``compute_dynamics`` on random latents of the given size."""
+    import tracemalloc
+
+    rng = np.random.default_rng(seed)
+    shape = (n_particles, frames)
+    side = 40.0 * np.sqrt(n_particles)  # constant density
+    ds = xr.Dataset(
+        {"angle": (("particle", "frame"), rng.uniform(0, np.pi, shape)),
+         "angle_sd": (("particle", "frame"), np.full(shape, 0.05)),
+         "x": (("particle", "frame"), rng.uniform(0, side, (n_particles, 1)) + rng.normal(0, 0.3, shape).cumsum(1)),
+         "y": (("particle", "frame"), rng.uniform(0, side, (n_particles, 1)) + rng.normal(0, 0.3, shape).cumsum(1)),
+         "z": (("particle", "frame", "latent"), rng.normal(size=(*shape, 2)))},
+        coords={"particle": np.arange(n_particles), "frame": np.arange(frames), "latent": [0, 1]},
+        attrs={"species": json.dumps([{"name": "rod", "symmetry": 2}])},
+    )
+    settings = dict(validate_section("dynamics", {"bootstrap": 50}), seed=seed)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    compute_dynamics(ds, None, settings)
+    wall = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    grid = n_particles * frames * 8  # one float64 (particle, frame) array
+    return {"peak_mb": peak / 1e6, "grid_mb": grid / 1e6, "peak_in_grids": peak / grid, "seconds": wall}
+
+
 def coverage(rows: list[dict]) -> dict[str, float]:
     """Coverage, detection rate, mean absolute error and mean width of intervals over repeated movies."""
     detected = [r for r in rows if r["detected"]]
@@ -287,6 +314,12 @@ def main() -> None:
           f"{cov['mean_abs_error']:.2f} frames, mean width {cov['mean_width']:.2f} frames "
           f"({time.perf_counter() - t0:.0f} s)")
     result.update({f"demo_coverage_{k}": round(v, 4) for k, v in cov.items()})
+    for n_particles in (1000, 4000):
+        mem = memory_at(n_particles, 100)
+        print(f"memory, {n_particles} trajectories x 100 frames: peak {mem['peak_mb']:.0f} MB = "
+              f"{mem['peak_in_grids']:.1f} (particle, frame) float64 arrays of {mem['grid_mb']:.1f} MB; "
+              f"{mem['seconds']:.1f} s")
+        result.update({f"memory_{n_particles}_{k}": round(v, 3) for k, v in mem.items()})
     result["total_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(result, default=float))
 

@@ -270,9 +270,43 @@ def corrected_positions(x: np.ndarray, y: np.ndarray, particles: np.ndarray, fra
         drift = per_frame.groupby("frame")[["x", "y"]].median().reindex(frames).ffill().fillna(0.0)
         source = "tracks"
     else:
-        drift = estimate_drift(grid_to_table(x, y, particles, frames), smoothing, frames=frames).set_index("frame")
+        dx, dy = drift_from_grid(x, y, smoothing)
+        drift = pd.DataFrame({"x": dx, "y": dy}, index=frames)
         source = "estimated"
     return (x - drift["x"].to_numpy(float)[None, :], y - drift["y"].to_numpy(float)[None, :], source)
+
+
+def drift_from_grid(x: np.ndarray, y: np.ndarray, smoothing: int = 0, chunk: int = 4096
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`estimate_drift` on (particle, frame) grids, in chunks of trajectories.
+
+    The same estimator as trackpy's ``compute_drift``: the mean displacement between
+    consecutive frames of the particles present in both, smoothed by a forward rolling mean
+    of ``smoothing`` frames, summed; zero at the first frame, steps without any particle add
+    nothing. Memory is ``chunk x frames`` instead of a long table of every position.
+
+    Returns
+    -------
+    dx, dy : arrays (frame,)
+        Cumulative drift, px.
+    """
+    n_p, n_f = x.shape
+    total = np.zeros((2, max(n_f - 1, 0)))
+    count = np.zeros(max(n_f - 1, 0))
+    for lo in range(0, n_p, chunk):
+        sx = np.diff(np.asarray(x[lo:lo + chunk], dtype=float), axis=1)
+        sy = np.diff(np.asarray(y[lo:lo + chunk], dtype=float), axis=1)
+        ok = np.isfinite(sx) & np.isfinite(sy)
+        total[0] += np.where(ok, sx, 0.0).sum(axis=0)
+        total[1] += np.where(ok, sy, 0.0).sum(axis=0)
+        count += ok.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        step = pd.DataFrame((total / count).T, columns=["x", "y"])
+    if smoothing and smoothing > 0:
+        step = step.rolling(int(smoothing), min_periods=1).mean()
+    step = step.fillna(0.0).to_numpy()
+    cumulative = np.vstack([np.zeros((1, 2)), np.cumsum(step, axis=0)])
+    return cumulative[:, 0], cumulative[:, 1]
 
 
 def mean_squared_displacement(values: np.ndarray, max_lag: int, chunk: int = 2048

@@ -732,9 +732,10 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     sim = simulate(settings, masks=args.masks)
     paths = write_simulation(sim, args.outdir)
-    counts = sim.truth.groupby("frame").size()
+    # Frames without particles are not in the truth table; a movie with none at all is valid.
+    counts = sim.truth.groupby("frame").size().reindex(range(sim.movie.shape[0]), fill_value=0)
     log.info("wrote %s (%d frames, %d-%d particles per frame, transition at %s) in %.2f s",
-             ", ".join(str(p) for p in paths.values()), sim.movie.shape[0], counts.min(), counts.max(),
+             ", ".join(str(p) for p in paths.values()), sim.movie.shape[0], int(counts.min()), int(counts.max()),
              sim.metadata["transition_frame"], time.perf_counter() - start)
     return 0
 

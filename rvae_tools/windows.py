@@ -22,6 +22,23 @@ map to 0 and 1; sampling windows rather than whole frames puts the levels on the
 model will see instead of on the background that dominates a frame. The levels are recorded in
 the store's attributes (``norm_low``, ``norm_high``).
 
+**The window belongs to its particle.** A neighbour reaching into a window would steer its
+encoded angle and content. With ``mask: aperture`` (the default ``auto`` when the tracks give
+each detection's size) every window is blended towards the movie's background level outside a
+soft elliptical aperture around its own particle: the ellipse has the detection's major and
+minor axes (columns ``major_axis``/``minor_axis``, else derived from ``area`` and
+``eccentricity`` as an ellipse of that area), each widened by ``mask_margin`` px, and lies
+along the detection's ``orientation``; the weight is 1 inside and falls off as a Gaussian of
+:data:`APERTURE_SOFTNESS` px outside (:func:`aperture_weights`). The fill level is the median
+of the sampled window pixels (the background of all but the densest movies), recorded as
+``mask_fill``; the semi-axes of every window are stored as ``aperture_a``/``aperture_b``.
+
+**Edges.** With ``edge: pad`` (the default) a detection near the frame edge keeps its window,
+the missing pixels set to the background level (the low percentile, or ``mask_fill`` with the
+aperture); the share of each window's pixels that lies
+outside the frame is stored as ``padded_fraction`` (0 for whole windows). ``edge: drop``
+discards such windows instead.
+
 The movie is read in blocks of frames and the windows are written to the store in chunks of
 ``chunk_size`` along ``obs``, so memory is bounded by the block and chunk sizes, not by the
 length of the movie.
@@ -52,7 +69,7 @@ log = logging.getLogger(__name__)
 #: Columns a tracks table must have.
 TRACK_COLUMNS = ("frame", "x", "y", "particle")
 #: Extra per-detection columns carried into the store as coordinates on ``obs`` when present.
-CARRIED_COLUMNS = ("cls", "score")
+CARRIED_COLUMNS = ("cls", "score", "orientation", "eccentricity")
 #: Frames and windows sampled to estimate the normalisation levels.
 SAMPLE_FRAMES = 16
 SAMPLE_WINDOWS = 4096
@@ -60,6 +77,8 @@ SAMPLE_WINDOWS = 4096
 BLOCK_BYTES = 64 << 20
 
 _ORDERS = {"linear": 1, "cubic": 3}
+#: Gaussian fall-off (px) of the aperture weight outside the widened ellipse.
+APERTURE_SOFTNESS = 1.5
 
 
 # --------------------------------------------------------------------------- geometry
@@ -133,6 +152,82 @@ def cut_windows(
         np.asarray(frame, dtype=np.float64), coords, order=order, mode="constant", cval=float(cval), prefilter=order > 1,
     )
     return values.reshape(n, size, size).astype(np.float32)
+
+
+def padded_fraction(x: np.ndarray, y: np.ndarray, size: int, shape: tuple[int, int]) -> np.ndarray:
+    """Share (0-1) of each window's sample points that fall outside the frame."""
+    off = window_offsets(size)
+    height, width = shape
+    eps = 1e-9
+    cols = np.asarray(x, dtype=np.float64)[:, None] + off[None, :]
+    rows = np.asarray(y, dtype=np.float64)[:, None] + off[None, :]
+    in_cols = ((cols >= -eps) & (cols <= width - 1 + eps)).mean(1)
+    in_rows = ((rows >= -eps) & (rows <= height - 1 + eps)).mean(1)
+    return 1.0 - in_cols * in_rows
+
+
+def aperture_axes(tracks: pd.DataFrame, margin: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Semi-axes (a, b) px and orientation (rad) of each detection's aperture, or None without sizes.
+
+    From ``major_axis``/``minor_axis`` (full lengths, px) when present, else from ``area``
+    (px) and ``eccentricity`` as the ellipse of that area; both widened by ``margin`` px.
+    A missing orientation gives a circle of the major semi-axis.
+    """
+    if {"major_axis", "minor_axis"} <= set(tracks.columns):
+        a = pd.to_numeric(tracks["major_axis"], errors="coerce").to_numpy(np.float64) / 2
+        b = pd.to_numeric(tracks["minor_axis"], errors="coerce").to_numpy(np.float64) / 2
+    elif {"area", "eccentricity"} <= set(tracks.columns):
+        area = pd.to_numeric(tracks["area"], errors="coerce").to_numpy(np.float64)
+        ecc = np.clip(pd.to_numeric(tracks["eccentricity"], errors="coerce").to_numpy(np.float64), 0, 0.999)
+        ratio = np.sqrt(1 - ecc ** 2)  # b / a of an ellipse of that eccentricity
+        a = np.sqrt(area / (np.pi * ratio))
+        b = a * ratio
+    else:
+        return None
+    if "orientation" in tracks.columns:
+        theta = pd.to_numeric(tracks["orientation"], errors="coerce").to_numpy(np.float64)
+    else:
+        theta = np.full(len(tracks), np.nan)
+    good = np.isfinite(a) & np.isfinite(b) & (a > 0)
+    if not good.any():
+        return None
+    # A detection without a size gets the movie's typical one; without an angle, a circle.
+    a = np.where(good, a, np.nanmedian(a[good]))
+    b = np.where(good, b, np.nanmedian(b[good]))
+    circle = ~np.isfinite(theta)
+    b = np.where(circle, a, b)
+    theta = np.where(circle, 0.0, theta)
+    return a + margin, np.maximum(b, 0.5) + margin, theta
+
+
+def aperture_weights(size: int, dx: np.ndarray, dy: np.ndarray, a: np.ndarray, b: np.ndarray,
+                     theta: np.ndarray, softness: float = APERTURE_SOFTNESS) -> np.ndarray:
+    """Weights (n, size, size) in [0, 1]: 1 inside each ellipse, Gaussian fall-off outside.
+
+    Parameters
+    ----------
+    size : int
+        Window side in pixels.
+    dx, dy : array (n,) px
+        Offset of the particle's centre from the window centre (0 for windows centred on it).
+    a, b : array (n,) px
+        Semi-axes along and across the orientation.
+    theta : array (n,) rad
+        Orientation of the major axis, from +x towards +y.
+    softness : float px
+        Width of the fall-off outside the ellipse.
+    """
+    off = window_offsets(size)
+    px = off[None, None, :] - np.asarray(dx, dtype=np.float64)[:, None, None]
+    py = off[None, :, None] - np.asarray(dy, dtype=np.float64)[:, None, None]
+    c, s = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
+    u = c * px + s * py
+    v = -s * px + c * py
+    a, b = np.asarray(a)[:, None, None], np.asarray(b)[:, None, None]
+    rho = np.sqrt((u / a) ** 2 + (v / b) ** 2)
+    # Distance outside the ellipse, approximately, in px along the ray from the centre.
+    outside = np.clip(rho - 1, 0, None) * np.sqrt(u ** 2 + v ** 2) / np.maximum(rho, 1e-9)
+    return np.exp(-0.5 * (outside / softness) ** 2).astype(np.float32)
 
 
 def normalise(windows: np.ndarray, low: float, high: float, clip: bool) -> np.ndarray:
@@ -240,8 +335,8 @@ def _frame_blocks(pos: np.ndarray, frame_bytes: int) -> Iterator[tuple[int, int,
 def _sample_levels(
     source: xr.DataArray, pos: np.ndarray, x: np.ndarray, y: np.ndarray, size: int, order: int,
     percentiles: tuple[float, float], where: str,
-) -> tuple[float, float]:
-    """Low and high percentile of the pixels of a sample of (unpadded, in-frame) windows."""
+) -> tuple[float, float, float]:
+    """Low and high percentile and the median of the pixels of a sample of (unpadded, in-frame) windows."""
     used = np.unique(pos)
     frames = used[np.unique(np.linspace(0, used.size - 1, min(SAMPLE_FRAMES, used.size)).round().astype(int))]
     per_frame = max(1, SAMPLE_WINDOWS // frames.size)
@@ -255,13 +350,13 @@ def _sample_levels(
     values = values[np.isfinite(values)]
     if values.size == 0:
         raise InputError(f"{where}: all windows are NaN (no finite pixel values at the tracked positions)")
-    low, high = np.percentile(values.astype(np.float64), percentiles)
+    low, median, high = np.percentile(values.astype(np.float64), [percentiles[0], 50.0, percentiles[1]])
     if not high > low:
         raise InputError(
             f"{where}: all windows are constant (every sampled pixel is {float(low):.6g}); "
             f"there is no contrast at the tracked positions to learn from"
         )
-    return float(low), float(high)
+    return float(low), float(high), float(median)
 
 
 # --------------------------------------------------------------------------- main entry
@@ -308,6 +403,9 @@ def make_windows(
 
     movie_path, tracks_path, output = Path(movie_path), Path(tracks_path), Path(output)
     probability_path = Path(probability_path) if probability_path is not None else None
+    from .inspect import resolve_settings
+
+    settings, _ = resolve_settings("windows", settings)  # an 'auto' left by a direct caller: its fallback
     size = int(settings["size"])
     order = _ORDERS[settings["interpolation"]]
     edge = settings["edge"]
@@ -345,7 +443,7 @@ def make_windows(
     x_all, y_all = tracks["x"].to_numpy(), tracks["y"].to_numpy()
     inside_kept = inside_frame(x_all, y_all, size, (height, width))
     sample_rows = np.flatnonzero(inside_kept) if inside_kept.any() else np.arange(len(tracks))
-    low, high = _sample_levels(
+    low, high, median = _sample_levels(
         source, pos[sample_rows], x_all[sample_rows], y_all[sample_rows], size, order, (p_low, p_high), str(where),
     )
     # Pad with the background level (the low percentile), which normalisation maps to 0.
@@ -354,6 +452,21 @@ def make_windows(
         norm_low, norm_high = low, high
     else:
         norm_low, norm_high = 0.0, 1.0
+
+    mask = settings.get("mask", "none")
+    axes = aperture_axes(tracks, float(settings.get("mask_margin", 2.0))) if mask != "none" else None
+    if mask == "aperture" and axes is None:
+        raise InputError(
+            f"{tracks_path}: windows.mask is 'aperture' but the tracks give no particle size (columns "
+            f"major_axis and minor_axis, or area and eccentricity); set windows.mask: none"
+        )
+    mask = "aperture" if axes is not None else "none"
+    fill = median if mask == "aperture" else pad_value
+    if mask == "aperture":
+        # The median is the background whether particles are bright or dark; the low
+        # percentile would pad a dark-on-bright movie with particle-coloured pixels.
+        pad_value = fill
+    frac_all = padded_fraction(x_all, y_all, size, (height, width))
 
     carried = [c for c in CARRIED_COLUMNS if c in tracks.columns]
     offsets = window_offsets(size)
@@ -373,6 +486,10 @@ def make_windows(
         "norm_high": norm_high,
         "clip": bool(settings["clip"]),
         "pad_value": float(normalise(np.array([pad_value]), norm_low, norm_high, bool(settings["clip"]))[0]),
+        "mask": mask,
+        "mask_margin": float(settings.get("mask_margin", 2.0)),
+        "mask_softness": APERTURE_SOFTNESS if mask == "aperture" else 0.0,
+        "mask_fill": float(normalise(np.array([fill]), norm_low, norm_high, bool(settings["clip"]))[0]),
         "n_frames": n_frames,
         **_frame_progression(movie, n_frames),
         "frame_height": height,
@@ -426,6 +543,10 @@ def make_windows(
                         wins, r = wins[finite], r[finite]
                     if r.size == 0:
                         continue
+                    if axes is not None:
+                        weight = aperture_weights(size, np.zeros(r.size), np.zeros(r.size),
+                                                  axes[0][r], axes[1][r], axes[2][r])
+                        wins = weight * wins + (1 - weight) * np.float32(fill)
                     wins = normalise(wins, norm_low, norm_high, bool(settings["clip"]))
                     if not any_contrast:
                         if first_value is None:
@@ -433,6 +554,9 @@ def make_windows(
                         any_contrast = bool((wins != first_value).any())
                     meta = tracks.iloc[r][["particle", "frame", "x", "y", *carried]].reset_index(drop=True)
                     meta["padded"] = ~inside_kept[r]
+                    meta["padded_fraction"] = frac_all[r]
+                    if axes is not None:
+                        meta["aperture_a"], meta["aperture_b"] = axes[0][r], axes[1][r]
                     buffer.append((wins, meta))
                     buffered += r.size
                     if buffered >= chunk:
@@ -468,7 +592,13 @@ def _write_part(
         "x": ("obs", meta["x"].to_numpy(np.float64), {"units": "px", "description": "window centre, column"}),
         "y": ("obs", meta["y"].to_numpy(np.float64), {"units": "px", "description": "window centre, row"}),
         "padded": ("obs", meta["padded"].to_numpy(bool), {"description": "window reaches past the frame edge (padded)"}),
+        "padded_fraction": ("obs", meta["padded_fraction"].to_numpy(np.float32),
+                            {"units": "1", "description": "share of the window's pixels outside the frame (padded)"}),
     }
+    for name, text in (("aperture_a", "semi-axis of the aperture along the particle"),
+                       ("aperture_b", "semi-axis of the aperture across the particle")):
+        if name in meta.columns:
+            coords[name] = ("obs", meta[name].to_numpy(np.float32), {"units": "px", "description": text})
     for col in carried:
         values = meta[col].to_numpy()
         if values.dtype == object or pd.api.types.is_string_dtype(meta[col]):

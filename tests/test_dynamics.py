@@ -4,6 +4,7 @@ fit on a planted transition, bad and thin inputs, and the CLI."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -399,3 +400,64 @@ def test_demo_transition_is_within_one_frame_with_the_demo_config():
     a = compute_dynamics(latents, tracks, settings(**demo, bootstrap=40)).attrs
     assert a["transition_detected"] is True
     assert abs(a["transition_frame"] - sim.metadata["transition_frame"]) <= 1.0
+
+
+BULK_WATER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bulk_water"
+
+
+@pytest.mark.skipif(not BULK_WATER.is_dir(), reason=f"real data not found at {BULK_WATER} (../shared/data)")
+def test_real_spheres_in_water_report_isotropic_particles_and_no_transition():
+    """trackpy's bulk_water movie (1 um latex spheres diffusing in water): nothing orders."""
+    import warnings
+
+    import imageio.v3 as iio
+    import trackpy as tp
+
+    from rvae_tools.track import track
+
+    # A quarter of the field and 24 frames keep it fast; about 150 spheres remain.
+    frames = [iio.imread(f)[:240, :320, 1] for f in sorted(BULK_WATER.glob("bulk_water_*.png"))[:24]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        features = tp.batch(frames, 11, minmass=20, invert=True, processes=1)
+    walk = validate_section("track", {"search_range": 5, "memory": 3, "min_length": 20,
+                                      "select": {"mass": {"above": 50}, "size": {"below": 2.6}}})
+    tracks = track(features, walk, pixel_size=100 / 285, frame_interval=1 / 24).tracks
+    grid = tracks.pivot_table(index="particle", columns="frame", values=["x", "y"])
+    rng = np.random.default_rng(29)
+    x, y = grid["x"].to_numpy(), grid["y"].to_numpy()
+    # An encoder's angle of a sphere is arbitrary; the encode stage records the species as isotropic.
+    theta = np.where(np.isfinite(x), rng.uniform(0, 2 * np.pi, x.shape), np.nan)
+    latents = make_latents(theta, x=x, y=y, frame_interval=1 / 24, rng=rng)
+    latents = latents.assign_coords(particle=grid.index.to_numpy())
+    latents.attrs.update(pixel_size=100 / 285, pixel_unit="um")
+    unknown = compute_dynamics(latents, tracks, settings(bootstrap=20))
+    latents.attrs["species"] = json.dumps([{"name": "sphere", "symmetry": 0}])
+    ds = compute_dynamics(latents, tracks, settings(bootstrap=20))
+    for a in (unknown.attrs, ds.attrs):
+        assert a["transition_detected"] is False and np.isnan(a["transition_frame"])
+    a = ds.attrs
+    assert "isotropic" in a["notes"] and np.isnan(ds["S_n"].values).all() and np.isnan(a["rotational_diffusion"])
+    assert a["translational_drift"] == "tracks"
+    # 1 um spheres in water: D = kT / (6 pi eta a), about 0.4 um^2/s (the walkthrough's A/4).
+    assert a["translational_diffusion"] == pytest.approx(0.4, rel=0.3)
+
+
+def test_species_recorded_by_the_encode_stage_are_used_with_their_symmetry():
+    rng = np.random.default_rng(30)
+    p, f = 60, 30
+    latents = make_latents(rng.uniform(0, 2 * np.pi, (p, f)), rng=rng)
+    # As rvae_tools.calibration records them: a JSON table and the species index per trajectory.
+    latents.attrs["species"] = json.dumps([{"name": "species0", "symmetry": 2, "source": "latent"},
+                                           {"name": "species1", "symmetry": 0, "source": "latent"}])
+    latents.attrs["species_symmetry"] = [2, 0]
+    latents = latents.assign_coords(species=("particle", np.repeat([1, 0], p // 2)))
+    ds = compute_dynamics(latents, None, settings(bootstrap=0))
+    assert ds.attrs["species_method"] == "latents" and ds.attrs["symmetry_source"] == "latents"
+    assert ds["symmetry"].values.tolist() == [0] * 30 + [2] * 30
+    assert np.isnan(ds["angle_resultant"].sel(species_index=1).values).all()  # isotropic: no order
+    assert np.isfinite(ds["angle_resultant"].sel(species_index=0).values).all()
+    # Class names from a classifier match the species by name.
+    latents = latents.drop_vars("species")
+    latents["cls"] = ("particle", np.repeat(["species1", "species0"], p // 2).astype(object))
+    assert compute_dynamics(latents, None, settings(bootstrap=0))["symmetry"].values.tolist() == [0] * 30 + [2] * 30

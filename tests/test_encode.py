@@ -94,16 +94,25 @@ def test_latents_follow_the_contract(movie_dir, tmp_path):
     patches = xr.open_zarr(movie_dir / "patches.zarr")
     direct = RVAE.load(model_path).encode(patches.window.values, device="cpu")
     p, f = patches.particle.values, patches.frame.values
-    got = ds.angle.values[p, f]
+    got = ds.angle_raw.values[p, f]
     assert np.allclose(got, direct["angle"], atol=1e-5)
     assert np.allclose(ds.z.values[p, f], direct["z"], atol=1e-5)
 
     assert ds.cls.sel(particle=1).item() == "tadpole" and ds.cls.sel(particle=0).item() == "rod"
+    # species from the two classes, each with a symmetry order and an angle calibration
+    species = json.loads(ds.attrs["species"])
+    assert [s["cls"] for s in species] == ["rod", "tadpole"] and ds.attrs["species_source"] == "cls"
+    assert ds.species.sel(particle=1).item() == 1 and ds.species.sel(particle=0).item() == 0
+    assert len(ds.attrs["species_symmetry"]) == 2 and all(n >= 0 for n in ds.attrs["species_symmetry"])
+    assert len(ds.attrs["angle_offset"]) == len(ds.attrs["angle_sense"]) == len(ds.attrs["angle_residual"]) == 2
+    assert "towards +y" in ds.angle.attrs["convention"] and ds.angle_raw.attrs["units"] == "rad"
     assert ds.track_length.values.tolist() == [10, 10, 8, 5]
     assert ds.attrs["model_checksum"] == file_sha256(model_path)
     assert ds.attrs["pixel_size"] == 2.0 and ds.attrs["pixel_unit"] == "nm" and ds.attrs["frame_interval"] == 0.5
     assert ds.attrs["stage"] == "encode" and ds.attrs["config_hash"] and "torch" in json.loads(ds.attrs["library_versions"])
     assert ds.attrs["seed"] == 0
+    calibration = json.loads(ds.attrs["spread_calibration"])
+    assert calibration["n_windows"] == ds.attrs["n_windows"] and calibration["angle"]["scale"] >= 0
 
 
 def test_cli_with_settings_and_mismatched_checkpoints(movie_dir, tmp_path, capsys):
@@ -151,9 +160,33 @@ def test_interrupted_encoding_leaves_no_store(movie_dir, tmp_path):
     model.encode = interrupted
     out = tmp_path / "latents.zarr"
     with pytest.raises(KeyboardInterrupt):
-        encode_patches(movie_dir / "patches.zarr", model_path, out, model=model, batch_size=8, progress=False)
+        encode_patches(movie_dir / "patches.zarr", model_path, out, model=model, batch_size=8, progress=False,
+                       settings=validate_section("rvae", {**TINY, "calibration_windows": 0}))
     assert calls == [8, 8]  # one block per chunk of patches.zarr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _copy_with_nan(patches_path, out, obs, whole):
+    ds = xr.open_zarr(patches_path).load()
+    win = ds.window.values.copy()
+    if whole:
+        win[obs] = np.nan
+    else:
+        win[obs, 3, 4] = np.nan
+    ds["window"] = (ds.window.dims, win)
+    write_zarr(ds, out)
+    return ds
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_nan_windows_are_an_error_naming_the_file_and_observations(movie_dir, tmp_path, whole):
+    movie_dir, _, model_path = movie_dir
+    bad = tmp_path / "nan_patches.zarr"
+    ds = _copy_with_nan(movie_dir / "patches.zarr", bad, [5], whole)
+    p, f = int(ds.particle.values[5]), int(ds.frame.values[5])
+    with pytest.raises(InputError, match=rf"nan_patches.zarr: .*NaN.* obs 5 \(particle {p}, frame {f}\)"):
+        encode_patches(bad, model_path, tmp_path / "latents.zarr", progress=False)
+    assert not (tmp_path / "latents.zarr").exists()
 
 
 def test_majority_class_breaks_ties_by_smallest():

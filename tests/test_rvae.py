@@ -178,6 +178,31 @@ def test_encode_outputs_and_reconstruction(trained):
     assert dec.shape == (2, 24, 24)
 
 
+def test_calibrated_intervals_cover_the_true_angles(trained):
+    """68 % / 95 % angle intervals on windows of known truth (a tiny set: within 10 / 5 points)."""
+    from scipy.stats import norm
+
+    from rvae_tools.rvae.uncertainty import apply_calibration, fit_calibration
+
+    def encode(w):
+        return trained.encode(w, device="cpu", method="exact")
+
+    cal_x, _, _ = l_windows(200, seed=11)
+    calibration = fit_calibration(encode, cal_x, seed=0)
+    x, angles, _ = l_windows(200, seed=7)
+    raw = encode(x)
+    out = apply_calibration(raw, calibration)
+    # The model's angle origin is learned: one constant offset relative to the truth.
+    offset = np.angle(np.mean(np.exp(1j * (angles - out["angle"]))))
+    err = np.abs(np.angle(np.exp(1j * (angles - out["angle"] - offset))))
+    coverage = {c: np.mean(err <= norm.ppf(0.5 + c / 2) * out["angle_sd"]) for c in (0.68, 0.95)}
+    assert abs(coverage[0.68] - 0.68) <= 0.10 and abs(coverage[0.95] - 0.95) <= 0.05, coverage
+    # The L has one end: no flip, and the uncalibrated spread alone is far too narrow.
+    assert np.median(out["flip_prob"]) < 0.1
+    assert np.mean(err <= 1.96 * raw["angle_sd"]) < 0.8
+    assert set(calibration) >= {"angle", "shift", "flip_rate"} and calibration["angle"]["n"] > 150
+
+
 def test_wrap_angle_respects_symmetry():
     assert wrap_angle(np.pi + 0.1, 2) == pytest.approx(0.1)
     assert wrap_angle(-0.1, 1) == pytest.approx(-0.1)
@@ -408,3 +433,28 @@ def test_gpu_training_with_mixed_precision():
     assert model.device.type == "cuda"
     out = model.encode(x, device="cuda")
     assert np.isfinite(out["angle"]).all()
+
+
+# --------------------------------------------------------------------------- lab frame
+
+
+def test_lab_frame_angle_of_a_rotated_particle_is_its_known_angle(trained):
+    from rvae_tools.calibration import calibrate_species, to_lab
+
+    x, _, _ = l_windows(256, seed=7)
+    zmean = trained.encode(x, device="cpu")["z"].mean(0)
+    # The L is mirror-symmetric about its corner's diagonal, so its major axis (second moments)
+    # lies across that diagonal: at 3 pi / 4 from +x towards +y when upright, modulo pi.
+    cal = calibrate_species(trained, zmean, 2)  # the template fit: no reference angles needed
+    assert cal["method"] == "template" and cal["residual"] < np.radians(3)
+    known = np.array([0.3, 1.1, -0.7, 2.0, -2.5, 3.0])
+    rng = np.random.default_rng(2)
+    errors = []
+    for a in known:
+        # The same particle seen 16 times (sub-pixel positions, noise), as along a trajectory.
+        shifts = rng.uniform(-0.5, 0.5, (16, 2))
+        obs = np.stack([render_l(a, *d) for d in shifts]) * 0.8 + 0.1 + rng.normal(0, 0.03, (16, 24, 24))
+        lab = to_lab(trained.encode(obs.astype(np.float32), device="cpu")["angle"], cal["sense"], cal["offset"])
+        axis = a + 3 * np.pi / 4
+        errors.append(np.degrees(np.angle(np.mean(np.exp(2j * (lab - axis)))) / 2))
+    assert np.max(np.abs(errors)) < 3.0, np.round(errors, 2)

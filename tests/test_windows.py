@@ -96,11 +96,11 @@ def test_normalise_maps_levels_and_clips():
 def test_store_contract_and_edges(movie_and_tracks, tmp_path):
     movie, tracks_path, tracks = movie_and_tracks
     out = tmp_path / "patches.zarr"
-    summary = make_windows(movie, tracks_path, out, settings(), progress=False)
+    summary = make_windows(movie, tracks_path, out, settings(edge="drop"), progress=False)
     ds = open_zarr(out, required=["window", "particle", "frame", "x", "y", "cls"])
     assert ds.window.dims == ("obs", "wy", "wx") and ds.window.dtype == np.float32
     assert ds.window.shape[1:] == (16, 16)
-    # particle 4 sits 3.5 px from the right edge: dropped by default
+    # particle 4 sits 3.5 px from the right edge: dropped with edge: drop
     assert 4 not in set(ds.particle.values)
     assert summary["n_dropped_edge"] == 12 and ds.sizes["obs"] == len(tracks) - 12
     assert ds.attrs["pixel_size"] == 2.0 and ds.attrs["pixel_unit"] == "nm" and ds.attrs["frame_interval"] == 0.5
@@ -112,9 +112,13 @@ def test_store_contract_and_edges(movie_and_tracks, tmp_path):
     assert len(merged) == len(got)
     assert np.allclose(merged.x, merged.x_t) and np.allclose(merged.y, merged.y_t)
 
-    padded = make_windows(movie, tracks_path, tmp_path / "padded.zarr", settings(edge="pad"), progress=False)
+    # the default pads it and records which share of the window lies outside the frame
+    padded = make_windows(movie, tracks_path, tmp_path / "padded.zarr", settings(), progress=False)
     pds = open_zarr(tmp_path / "padded.zarr")
     assert padded["n_padded"] == 12 and pds.sizes["obs"] == len(tracks)
+    # its columns run 53 ... 68: the 5 past column 63 of the 16 are outside
+    assert np.allclose(pds.padded_fraction.values[pds.padded.values], 5 / 16)
+    assert np.all(pds.padded_fraction.values[~pds.padded.values] == 0)
     edge = pds.window.values[pds.padded.values]
     # samples beyond column 63 take the background level, which normalisation maps to 0
     assert np.all(edge[:, :, -4:] == 0.0)
@@ -237,7 +241,7 @@ def test_bad_inputs_name_the_problem(movie_and_tracks, tmp_path):
 
     write_table(tracks.assign(x=2.0), tmp_path / "edge.parquet")
     with pytest.raises(InputError, match="no 16 x 16 window fits"):
-        make_windows(movie, tmp_path / "edge.parquet", out, settings(), progress=False)
+        make_windows(movie, tmp_path / "edge.parquet", out, settings(edge="drop"), progress=False)
 
     write_movie(tmp_path / "flat.zarr", np.full((12, H, W), 3.0))
     with pytest.raises(InputError, match="all windows are constant"):
@@ -285,3 +289,46 @@ def test_movie_frame_numbers_are_kept(tmp_path):
     write_table(pd.DataFrame({"frame": [11], "x": [21.0], "y": 30.0, "particle": 0}), tmp_path / "odd.parquet")
     with pytest.raises(InputError, match="frame.*11.*does not have"):
         make_windows(tmp_path / "m.zarr", tmp_path / "odd.parquet", tmp_path / "q.zarr", settings(), progress=False)
+
+
+def _axis(win: np.ndarray) -> float:
+    """Major axis (rad, from +x towards +y, modulo pi) of a window's intensity above its median."""
+    w = np.clip(win - np.median(win), 0, None).astype(np.float64)
+    yy, xx = np.mgrid[0:win.shape[0], 0:win.shape[1]]
+    mx, my = (w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()
+    sxx, syy = (w * (xx - mx) ** 2).sum(), (w * (yy - my) ** 2).sum()
+    sxy = (w * (xx - mx) * (yy - my)).sum()
+    return 0.5 * np.arctan2(2 * sxy, sxx - syy)
+
+
+def test_the_aperture_keeps_a_brighter_touching_neighbour_out(tmp_path):
+    """A dim rod at 20 deg touching a bright one at 110 deg: its window's axis is its own only with the aperture."""
+    size, hh, ww = 32, 64, 64
+
+    def rod(x, y, angle, amplitude):
+        yy, xx = np.mgrid[0:hh, 0:ww]
+        u = (xx - x) * np.cos(angle) + (yy - y) * np.sin(angle)
+        v = -(xx - x) * np.sin(angle) + (yy - y) * np.cos(angle)
+        return amplitude * np.exp(-(u / 6.0) ** 4 - (v / 2.0) ** 4)
+
+    own, other = np.radians(20), np.radians(110)
+    frame = rod(32, 32, own, 1.0) + rod(32 + 9 * np.cos(other + 1.2), 32 + 9 * np.sin(other + 1.2), other, 2.5)
+    write_movie(tmp_path / "movie.zarr", [frame + 0.05])
+    # The detector's segment of the dim rod: its axes (full lengths, px) and orientation.
+    tracks = pd.DataFrame({"frame": [0], "x": [32.0], "y": [32.0], "particle": [0],
+                           "major_axis": [12.0], "minor_axis": [4.0], "orientation": [own]})
+    write_table(tracks, tmp_path / "tracks.parquet")
+    raw = make_windows(tmp_path / "movie.zarr", tmp_path / "tracks.parquet", tmp_path / "raw.zarr",
+                       settings(size=size, mask="none"), progress=False)
+    masked = make_windows(tmp_path / "movie.zarr", tmp_path / "tracks.parquet", tmp_path / "masked.zarr",
+                          settings(size=size), progress=False)
+    assert raw["n_windows"] == masked["n_windows"] == 1
+    w_raw = open_zarr(tmp_path / "raw.zarr").window.values[0]
+    ds = open_zarr(tmp_path / "masked.zarr")
+    assert ds.attrs["mask"] == "aperture" and ds.aperture_a.values[0] == pytest.approx(8.0)
+
+    def off(a):
+        return abs(np.degrees(np.angle(np.exp(2j * (a - own))) / 2))
+
+    assert off(_axis(w_raw)) > 15  # the neighbour steers the raw window
+    assert off(_axis(ds.window.values[0])) < 5

@@ -1,0 +1,74 @@
+"""Species and symmetry from the data: the symmetry order of drawn shapes, species from z by BIC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.draw import polygon
+
+from rvae_tools.species import find_species, symmetry_order
+
+S = 33  # template side, px
+
+
+def drawn(points, angle: float, ss: int = 4) -> np.ndarray:
+    """A filled polygon (vertices in px about the centre) turned by ``angle``, drawn anti-aliased with skimage."""
+    pts = np.asarray(points, dtype=np.float64)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    xy = (pts @ rot.T + (S - 1) / 2 + 0.5) * ss - 0.5
+    img = np.zeros((S * ss, S * ss))
+    rr, cc = polygon(xy[:, 1], xy[:, 0], img.shape)
+    img[rr, cc] = 1.0
+    return img.reshape(S, ss, S, ss).mean((1, 3))
+
+
+def regular(n: int, radius: float, start: float = 0.0) -> np.ndarray:
+    a = start + 2 * np.pi * np.arange(n) / n
+    return np.c_[radius * np.cos(a), radius * np.sin(a)]
+
+
+def shape(name: str, angle: float) -> np.ndarray:
+    if name == "tadpole":  # n = 1: a wedge
+        return drawn([(-6, -4.5), (-6, 4.5), (9, 0)], angle)
+    if name == "rod":  # n = 2
+        return drawn([(-8, -2.5), (8, -2.5), (8, 2.5), (-8, 2.5)], angle)
+    if name == "triangle":  # n = 3
+        return drawn(regular(3, 9), angle)
+    if name == "star":  # n = 6: two interpenetrating triangles
+        return np.maximum(drawn(regular(3, 10), angle), drawn(regular(3, 10, np.pi / 3), angle))
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize(("name", "n"), [("tadpole", 1), ("rod", 2), ("triangle", 3), ("star", 6)])
+def test_symmetry_order_of_drawn_species(name, n):
+    rng = np.random.default_rng(n)
+    for angle in (0.0, 0.37, 2.1):
+        # blurred and noisy, as a decoded template of real windows would be
+        img = ndimage.gaussian_filter(shape(name, angle), 1.0) * 0.8 + 0.1 + rng.normal(0, 0.02, (S, S))
+        assert symmetry_order(img) == n, (name, angle)
+        assert symmetry_order(1.0 - img) == n, (name, angle)  # dark particles on a bright background
+
+
+def test_a_sphere_has_no_orientation():
+    yy, xx = np.mgrid[0:S, 0:S] - (S - 1) / 2
+    rng = np.random.default_rng(0)
+    sphere = np.exp(-(xx ** 2 + yy ** 2) / (2 * 4.0 ** 2)) + rng.normal(0, 0.02, (S, S))
+    ring = (np.abs(np.hypot(xx, yy) - 8) < 2).astype(float)
+    assert symmetry_order(sphere) == 0
+    assert symmetry_order(ndimage.gaussian_filter(ring, 1.0)) == 0
+
+
+def test_species_from_z_by_bic():
+    rng = np.random.default_rng(3)
+    centres = np.array([[-2.0, 0.0], [2.0, 1.0], [0.0, 4.0]])
+    z = np.concatenate([c + rng.normal(0, 0.3, (40, 2)) for c in centres])
+    z[5] = np.nan  # a trajectory without windows
+    species, info = find_species(z, seed=0)
+    assert info["n_species"] == 3 and species[5] == -1
+    truth = np.repeat([0, 1, 2], 40)  # ordered by mean z[0]: -2, 0, 2 -> components 0, 2, 1
+    expected = np.array([0, 2, 1])[truth]
+    ok = species >= 0
+    assert np.mean(species[ok] == expected[ok]) > 0.97
+    one, info1 = find_species(rng.normal(0, 1, (60, 2)), seed=0)
+    assert info1["n_species"] == 1 and set(one) == {0}
