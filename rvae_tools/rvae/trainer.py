@@ -146,6 +146,8 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
     if len(pool) < len(source):
         log.info("training budget: %d of %d windows (rvae.max_windows = %d), spread over %d store(s) and their "
                  "frames; encoding still covers all", len(pool), len(source), int(max_windows), len(source.counts))
+    else:
+        log.info("training budget: all %d windows (rvae.max_windows = %s)", len(source), max_windows)
     stats = source.check_content(pool, digest=True)
     model.normalisation = {"data_min": stats["min"], "data_max": stats["max"], "data_mean": stats["mean"],
                            "finite_fraction": stats["finite_fraction"], "n_windows": len(source),
