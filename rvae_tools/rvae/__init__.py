@@ -4,7 +4,7 @@ Modules: :mod:`.networks` (encoders and coordinate decoders), :mod:`.losses` (KL
 likelihoods), :mod:`.model` (:class:`RVAE`), :mod:`.trainer` (the training loop, for any model
 with the documented methods), :mod:`.checkpoint` (reading and checking checkpoints, the resume
 fingerprint), :mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE,
-Gaussian mixture), :mod:`.semisupervised` (class latents: ssrvae, jrvae, conditional, ssvae).
+Gaussian mixture), :mod:`.semisupervised` (class latents: ssrvae, conditional, ssvae).
 """
 
 from .model import RVAE, wrap_angle
