@@ -90,8 +90,16 @@ def build_page(
     """
     from bokeh.embed import file_html
     from bokeh.layouts import column, row
-    from bokeh.models import (ColorBar, ColumnDataSource, CustomJS, Div, HoverTool, LinearColorMapper, Select,
-                              Slider, TapTool)
+    from bokeh.models import (
+        ColorBar,
+        ColumnDataSource,
+        CustomJS,
+        Div,
+        HoverTool,
+        LinearColorMapper,
+        Select,
+        Slider,
+    )
     from bokeh.palettes import Viridis256
     from bokeh.plotting import figure
     from bokeh.resources import INLINE
@@ -149,8 +157,8 @@ def build_page(
         series.line("frame", c, source=picked, color=palette[k % len(palette)], legend_label=c, line_width=2)
     series.legend.location = "top_left"
 
-    source.selected.js_on_change("indices", CustomJS(args=dict(src=source, all=trajectories, out=picked,
-                                                               fig=series, cols=latent_cols), code="""
+    source.selected.js_on_change("indices", CustomJS(args={"src": source, "all": trajectories, "out": picked,
+                                                               "fig": series, "cols": latent_cols}, code="""
         const i = src.selected.indices;
         if (i.length == 0) { return; }
         const p = src.data.particle[i[0]];
@@ -167,13 +175,13 @@ def build_page(
     frames = shown["frame"]
     slider = Slider(start=int(frames.min()), end=int(max(frames.max(), frames.min() + 1)), value=int(frames.min()),
                     step=1, title="highlight frame", width=560, name="frame_slider")
-    slider.js_on_change("value", CustomJS(args=dict(src=source), code="""
+    slider.js_on_change("value", CustomJS(args={"src": source}, code="""
         const f = cb_obj.value;
         const a = src.data.frame.map((v) => v == f ? 1.0 : 0.08);
         src.data = Object.assign({}, src.data, {alpha: a});
     """))
     select = Select(title="colour by", value="frame", options=list(colour_by), width=200)
-    select.js_on_change("value", CustomJS(args=dict(src=source, mapper=mapper), code="""
+    select.js_on_change("value", CustomJS(args={"src": source, "mapper": mapper}, code="""
         const v = src.data["c_" + cb_obj.value];
         const finite = v.filter((x) => Number.isFinite(x));
         mapper.low = Math.min(...finite);
