@@ -88,6 +88,13 @@ def test_explorer_loads_in_headless_chromium_and_hover_shows_the_window(tmp_path
         frames = browser.evaluate("Array.from(Bokeh.documents[0].get_model_by_name('picked').data.frame)")
         expected = latents["angle"].sel(particle=particle).dropna("frame")["frame"].values.tolist()
         assert frames == expected  # the clicked point's whole trajectory
+
+        # the slider highlights the windows of its frame and dims the others
+        browser.evaluate("Bokeh.documents[0].get_model_by_name('frame_slider').value = 3")
+        alpha, shown_frames = browser.evaluate(
+            "(() => { const d = Bokeh.documents[0].get_model_by_name('points').data;"
+            " return [Array.from(d.alpha), Array.from(d.frame)]; })()")
+        assert [a == 1.0 for a in alpha] == [f == 3 for f in shown_frames]
         assert browser.errors() == []
     finally:
         browser.close()
