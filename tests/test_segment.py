@@ -362,3 +362,25 @@ def test_classical_detector_with_inspected_settings_finds_rods_and_their_axes(da
     same = truth["frame"].to_numpy()[t] == det["frame"].to_numpy()[p]
     delta = truth["angle"].to_numpy()[t][same] - det["orientation"].to_numpy()[p][same]
     assert abs(np.mean(np.exp(2j * delta))) >= 0.95  # axes agree modulo pi
+
+
+def test_streamed_detections_equal_the_in_memory_table(tmp_path):
+    from rvae_tools.io import read_table, table_metadata
+    from rvae_tools.segment.postprocess import empty_detections
+    from rvae_tools.segment.store import DetectionStore
+
+    images, _, _ = _held_out()
+    settings = validate_section("segment", {"method": "classical", "invert": False,
+                                            "classical": {"min_distance": 2.5, "min_area": 6, "max_area": None,
+                                                          "background": None, "block": None}})
+    whole, _ = segment_movie(images, settings)
+    with DetectionStore(tmp_path / "d.parquet", DETECTION_COLUMNS, empty_detections(), chunk_rows=5) as store:
+        rest, _ = segment_movie(images, settings, detections_sink=store)
+        store.finish({"method": "classical"})
+    assert len(rest) == 0 and store.rows == len(whole) > 10
+    streamed = read_table(tmp_path / "d.parquet", required=DETECTION_COLUMNS)
+    pd.testing.assert_frame_equal(streamed, whole[streamed.columns.tolist()], check_dtype=True)
+    assert table_metadata(tmp_path / "d.parquet")["method"] == "classical"
+    with DetectionStore(tmp_path / "e.parquet", DETECTION_COLUMNS, empty_detections()) as store:
+        pass  # a movie without any detection still gives a table with the contract's columns
+    assert list(read_table(tmp_path / "e.parquet").columns) == DETECTION_COLUMNS
