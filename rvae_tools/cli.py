@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("rvae_tools.segment", "detect particles in every frame -> detections.parquet"),
     "track": ("rvae_tools.track", "link detections into trajectories -> tracks.parquet"),
     "windows": ("rvae_tools.windows", "cut a window around every tracked detection -> patches.zarr"),
+    "checkpoint-folder": ("rvae_tools.train", "create the rVAE trainer's checkpoint folder (a workflow output)"),
     "train": ("rvae_tools.train", "train the rotationally invariant VAE on windows"),
     "encode": ("rvae_tools.encode", "encode every window -> per-trajectory latents.zarr"),
     "classify": ("rvae_tools.classify", "class of every window from a model with classes -> classes.parquet"),
