@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("rvae_tools.classify", "class of every window from a model with classes -> classes.parquet"),
     "dynamics": ("rvae_tools.dynamics", "ensemble dynamics, order parameters, ordering transition -> dynamics.zarr"),
     "figures": ("rvae_tools.figures", "draw the figures of one movie"),
+    "explorer": ("rvae_tools.explorer", "interactive latent explorer of one movie -> explorer.html"),
+    "export-napari": ("rvae_tools.napari_export", "write a movie's detections, tracks and orientations as napari layers (CSV)"),
     "provenance": ("rvae_tools.provenance_cli", "print the provenance attributes of a store"),
 }
 
