@@ -1,6 +1,6 @@
 """``rvae-tools classify``: the class of every window from a model with a class latent.
 
-The classifier head of an ``ssrvae`` / ``jrvae`` / ``ssvae`` model gives ``q(class | window)``;
+The classifier head of an ``ssrvae`` / ``ssvae`` model gives ``q(class | window)``;
 this command writes it per window to a Parquet table, and :func:`class_variables` lays it out
 on the ``(particle, frame)`` grid of ``latents.zarr`` with a majority class per trajectory.
 """
@@ -102,9 +102,13 @@ def class_variables(prob: np.ndarray, class_names: list) -> tuple[dict[str, Any]
 
 def classify_patches(patches_path: str | Path, model_path: str | Path, output: str | Path, *,
                      device: str = "auto", batch_size: int | None = None, progress: bool = True,
-                     model: Any = None) -> pd.DataFrame:
+                     model: Any = None, labels: str | Path | None = None, figures_dir: str | Path | None = None,
+                     formats=("png",), dpi: int = 150) -> pd.DataFrame:
     """Classify every window of ``patches_path`` with the class model at ``model_path``; write ``output`` (Parquet).
 
+    With ``labels`` (a labels file of this movie, see :mod:`rvae_tools.labels`) the accuracy on
+    the labelled windows is logged; with ``figures_dir`` the class figures are drawn there
+    (templates, class fractions per frame, and the confusion matrix when ``labels`` is given).
     Returns the table written (see :func:`class_table`).
     """
     from tqdm import tqdm
@@ -125,7 +129,7 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
         model = load_model(model_path)
     if not has_classes(model):
         raise InputError(f"{model_path}: the model ({getattr(model, 'settings', {}).get('model', '?')}) has no classes; "
-                         "expected one trained with rvae.model ssrvae, jrvae or ssvae")
+                         "expected one trained with rvae.model ssrvae or ssvae")
     from .encode import check_compatible
 
     check_compatible(model, tuple(window.shape[1:]), model_path=model_path, patches_path=patches_path)
@@ -148,6 +152,27 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
     })
     counts = table["cls"].value_counts().to_dict()
     log.info("%s: %d windows classified (%s)", output, n, ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    known = None
+    if labels is not None:
+        from .labels import read_labels, store_index, window_labels
+
+        known, _ = window_labels(read_labels(labels), [store_index(patches_path)], source=str(labels),
+                                 class_names=list(model.class_names))
+        sel = known >= 0
+        log.info("%s: accuracy %.3f on %d labelled windows", labels,
+                 float((table["cls_index"].to_numpy()[sel] == known[sel]).mean()), int(sel.sum()))
+    if figures_dir is not None:
+        from .plots import classes as plots
+
+        fig_dir = Path(figures_dir)
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        formats = tuple(dict.fromkeys(["png", *formats]))
+        plots.templates(model, fig_dir, formats=formats, dpi=dpi)
+        plots.fractions(table, list(model.class_names), fig_dir, formats=formats, dpi=dpi)
+        if known is not None:
+            sel = known >= 0
+            plots.confusion(known[sel], table["cls_index"].to_numpy()[sel], list(model.class_names), fig_dir,
+                            formats=formats, dpi=dpi)
     return table
 
 
@@ -156,16 +181,20 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("patches", help="windows store (patches.zarr)")
-    parser.add_argument("model", help="model with classes (model.pt of rvae.model ssrvae, jrvae or ssvae)")
+    parser.add_argument("model", help="model with classes (model.pt of rvae.model ssrvae or ssvae)")
     parser.add_argument("-o", "--output", required=True, help="table to write (classes.parquet)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the model's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--labels", default=None, help="labels file of this movie: log the accuracy on its windows "
+                        "(and draw the confusion matrix with --figures)")
+    parser.add_argument("--figures", default=None, metavar="DIR",
+                        help="draw class templates, class fractions per frame (and the confusion matrix) here")
 
 
 def run(args: argparse.Namespace) -> int:
     classify_patches(args.patches, args.model, args.output, device=args.device, batch_size=args.batch_size,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, labels=args.labels, figures_dir=args.figures)
     return 0
 
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate-config": ("rvae_tools.config_cli", "check a config file against the schema"),
     "simulate": ("rvae_tools.simulate", "simulate a movie of particles assembling, with ground truth"),
     "ingest": ("rvae_tools.ingest", "read a movie (TIFF, image folder, npy/npz, video, Zarr) into movie.zarr"),
+    "inspect": ("rvae_tools.inspect", "measure a movie's particles (polarity, size, density, SNR, drift) and suggest settings"),
     "train-segmenter": ("rvae_tools.segment", "train the U-Net segmenter (simulated frames, annotations or pseudo-labels)"),
     "segment": ("rvae_tools.segment", "detect particles in every frame -> detections.parquet"),
     "track": ("rvae_tools.track", "link detections into trajectories -> tracks.parquet"),

@@ -183,10 +183,13 @@ def check_config(config: dict[str, Any], source: str = "config", *, device: bool
         where = f"{source}: movies.{name}"
         windows = stage_settings(config, "windows", name, source=source)
         segment = stage_settings(config, "segment", name, source=source)
-        if windows.get("source") == "probability" and segment.get("method") == "locate":
+        method = segment.get("method")
+        if method == "auto":  # as rvae_tools.inspect.resolve_settings and the workflow decide it
+            method = "unet" if "simulate" in movie else "classical"
+        if windows.get("source") == "probability" and method in ("locate", "classical"):
             raise InputError(
                 f"{where}: windows.source: probability needs a probability map, which "
-                "segment.method: locate does not write; expected segment.method: unet or windows.source: image"
+                f"segment.method: {method} does not write; expected segment.method: unet or windows.source: image"
             )
         crop = movie.get("crop")
         if crop is not None and not (0 <= crop[0] < crop[1] and 0 <= crop[2] < crop[3]):
@@ -197,6 +200,10 @@ def check_config(config: dict[str, Any], source: str = "config", *, device: bool
         shape = _movie_shape(config, name, where)
         shapes[name] = shape
         size = windows.get("size")
+        if size == "auto" and "simulate" in movie:
+            from .inspect import FALLBACKS
+
+            size = FALLBACKS["windows"]["size"]  # a user movie's auto size is decided by its inspection
         if shape is not None and isinstance(size, int) and size > min(shape[1], shape[2]):
             raise InputError(
                 f"{where}.windows.size: {size} px windows do not fit in the {shape[1]} x {shape[2]} px "
@@ -415,6 +422,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser, section: str) -> Non
         help="the '%s' section as JSON (as Snakemake rules pass it); overrides --config" % section,
     )
     group.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
+    group.add_argument(
+        "--inspect", metavar="JSON",
+        help="inspect.json of the movie (rvae-tools inspect): settings left at 'auto' take its values",
+    )
 
 
 def settings_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]:
@@ -437,4 +448,9 @@ def settings_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]
             settings["seed"] = 0
     if getattr(args, "seed", None) is not None:
         settings["seed"] = int(args.seed)
+    # Settings left at 'auto' take the inspected value (or their fallback): no stage sees 'auto'.
+    from .inspect import read_inspection, resolve_settings
+
+    inspection = read_inspection(args.inspect) if getattr(args, "inspect", None) else None
+    settings, _ = resolve_settings(section, settings, inspection)
     return settings

@@ -798,9 +798,6 @@ def estimate_transition(
         out["n_boot"] = len(t_boot)
         if len(t_boot) >= 10:
             a = (1 - confidence) / 2
-            # Basic (reflected) bootstrap interval: a resample's bias relative to the data mirrors
-            # the estimate's bias relative to the truth (for instance the noise floor of |<u>|,
-            # which duplicated trajectories raise), so the quantiles are reflected about it.
             # Resampling G units with replacement gives a spread (G-1)/G of the true variance and
             # normal rather than Student-t tails: with the 16 tiles of the default that narrows the
             # interval by about 11 %, so the deviations are scaled back (factor -> 1 for large G).
@@ -808,7 +805,10 @@ def estimate_transition(
 
             g = signal.n_units
             factor = math.sqrt(g / (g - 1)) * stats.t.ppf(1 - a, g - 1) / stats.norm.ppf(1 - a) if g > 2 else 1.0
-            lo, hi = fit.t_c - factor * np.quantile(t_boot - ref_tc, [1 - a, a])
+            # Symmetric about the estimate: the resamples' |deviation| from the reference, so a
+            # skewed or shifted bootstrap distribution widens both ends instead of moving one.
+            half = factor * float(np.quantile(np.abs(t_boot - ref_tc), confidence))
+            lo, hi = fit.t_c - half, fit.t_c + half
             # One sample per frame cannot resolve an interval narrower than the sampling.
             out["low"] = float(min(lo, fit.t_c - 0.5))
             out["high"] = float(max(hi, fit.t_c + 0.5))
@@ -907,7 +907,7 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
     species : int array (particle,)
     table : list of {"name", "symmetry", "source"}
     method : str
-        "single", "cls" or "gmm".
+        "single", "latents" (the encode stage's ``species(particle)``), "cls" or "gmm".
     """
     notes = notes if notes is not None else []
     n_particles = latents.sizes["particle"]
@@ -926,14 +926,32 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
              for k, s in enumerate(listed)]
     if len(table) == 1:
         return np.zeros(n_particles, dtype=int), table, "single"
+    # Trajectories without any window carry no data: their class (often a placeholder) is moot.
+    has_data = np.isfinite(np.asarray(latents["x"].transpose("particle", "frame").values, dtype=float)).any(axis=1)
+    recorded_index = latents.variables.get("species")
+    if source == "latents" and recorded_index is not None and recorded_index.dims == ("particle",):
+        # The encode stage's own species index of every trajectory (-1 = none found).
+        index = np.asarray(recorded_index.values)
+        if np.issubdtype(index.dtype, np.number):
+            index = np.where(np.isfinite(index), index, -1).astype(int)
+            bad = has_data & ((index < 0) | (index >= len(table)))
+            if bad.any():
+                raise InputError(f"latents.zarr: species index of {int(bad.sum())} trajectories with windows is "
+                                 f"{', '.join(map(str, sorted(set(index[bad].tolist()))))}; expected 0..{len(table) - 1} "
+                                 "(the species recorded in the attrs)")
+            return np.where(has_data, index, 0), table, "latents"
     cls = _particle_classes(latents, tracks) if settings["species_from"] in ("auto", "cls") else None
     if cls is None and settings["species_from"] == "cls":
         raise InputError("latents.zarr / tracks.parquet: dynamics.species_from is 'cls' but neither has a "
                          "'cls' variable/column giving each particle's class")
     if cls is not None:
         keys = [_class_key(s.get("cls", k)) for k, s in enumerate(listed)]
-        lookup = {key: idx for idx, key in enumerate(keys)}
+        # A class may also carry the species' name (classifiers store class names).
+        lookup = {str(s.get("name")): idx for idx, s in enumerate(listed) if s.get("name")}
+        lookup.update({key: idx for idx, key in enumerate(keys)})
         labels = np.array([_class_key(c) for c in cls], dtype=object)
+        labels = np.where(has_data, labels, keys[0])
+        labels = np.where(np.isin(labels, ["", "nan", "None"]), "(none)", labels)
         unknown = sorted(set(labels) - set(lookup))
         if unknown:
             where = "dynamics.species" if source == "config" else "the species recorded in latents.zarr"

@@ -30,17 +30,19 @@ from .config import add_settings_arguments, settings_from_args
 from .errors import InputError
 from .io import open_zarr, write_zarr
 from .provenance import provenance_attrs
+from .rvae.uncertainty import apply_calibration, fit_calibration
 
 log = logging.getLogger(__name__)
 
 #: Per-window outputs of ``RVAE.encode`` on dims (particle, frame), with their units.
 SCALARS = {
     "angle": ("rad", "encoded rotation angle of the window (mapped to the lab frame by calibration.lab_frame)"),
-    "angle_sd": ("rad", "posterior spread of the angle"),
+    "angle_sd": ("rad", "spread of the angle within its half-circle (calibrated; see attrs uncertainty)"),
+    "flip_prob": ("1", "posterior probability that the particle points the other way (angle + pi); 0.5 = its ends look alike"),
     "dx": ("px", "encoded shift along x (columns)"),
     "dy": ("px", "encoded shift along y (rows)"),
-    "dx_sd": ("px", "posterior spread of dx"),
-    "dy_sd": ("px", "posterior spread of dy"),
+    "dx_sd": ("px", "spread of dx (calibrated; see attrs uncertainty)"),
+    "dy_sd": ("px", "spread of dy (calibrated; see attrs uncertainty)"),
 }
 #: Per-window outputs on dims (particle, frame, latent).
 VECTORS = {
@@ -179,6 +181,13 @@ def encode_patches(
         grids[name] = np.full(shape, np.nan, dtype=np.float64)
         grids[name][pi, fi] = patches[name].values
 
+    method = (settings or {}).get("encode_method")
+    model_config = getattr(model, "config", {}) or {}
+    seed = (settings or {}).get("seed")
+    if seed is None:
+        seed = model_config.get("seed", patches.attrs.get("seed", 0))
+    calibration = _fit_calibration(model, window, patches_path, particle, frame, settings, seed,
+                                   batch_size=batch_size, device=device, method=method)
     chunks = window.encoding.get("chunks") or (DEFAULT_BLOCK,)
     block = max(int(chunks[0]), batch_size or 0)
     bar = tqdm(total=n_obs, unit="win", desc="encode", file=sys.stderr, disable=not progress,
@@ -186,8 +195,9 @@ def encode_patches(
     with bar:
         for start in range(0, n_obs, block):
             stop = min(start + block, n_obs)
-            wins = np.asarray(window[start:stop].values, dtype=np.float32)
-            out = model.encode(wins, batch_size=batch_size, device=device)
+            wins = _read_windows(window, np.arange(start, stop), patches_path, particle, frame)
+            out = _encode_windows(model, wins, batch_size=batch_size, device=device, method=method)
+            out = apply_calibration(out, calibration)
             rows, cols = pi[start:stop], fi[start:stop]
             for name, value in out.items():
                 value = np.asarray(value)
@@ -244,10 +254,6 @@ def encode_patches(
         data_vars.update(class_vars)
         coords.update(class_coords)
 
-    model_config = getattr(model, "config", {}) or {}
-    seed = (settings or {}).get("seed")
-    if seed is None:
-        seed = model_config.get("seed", patches.attrs.get("seed", 0))
     attrs: dict[str, Any] = {
         key: patches.attrs[key] for key in ("pixel_size", "pixel_unit", "frame_interval") if key in patches.attrs
     }
@@ -257,9 +263,17 @@ def encode_patches(
         "n_windows": n_obs,
         "model_path": str(model_path),
         "model_config": json.dumps(model_config, sort_keys=True, default=str),
+        "encode_method": method or model_config.get("encode_method", "exact"),
+        "uncertainty": ("angle_sd, dx_sd, dy_sd: the model's spread (rotation posterior within the angle's "
+                        "half-circle plus the likelihood's curvature at the encoded pose) calibrated as "
+                        "sqrt((scale sd)^2 + floor^2), fitted on a sample of these windows rotated and moved "
+                        "by known amounts (spread_calibration; rvae_tools.rvae.uncertainty); flip_prob: "
+                        "posterior mass of the other half-circle; z_sd: the encoder's variational spread"),
         "patches_config_hash": patches.attrs.get("config_hash", ""),
         "movie_sha256": patches.attrs.get("movie_sha256", ""),
     })
+    if calibration:
+        attrs["spread_calibration"] = json.dumps(calibration, sort_keys=True)
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
     ds = lab_frame(ds, model, settings, patches=patches, index=(pi, fi))
     encoding = {name: {"chunks": _chunks(ds[name].shape)} for name in ds.data_vars}
@@ -271,6 +285,50 @@ def encode_patches(
     log.info("%s: %d windows of %d particles over %d frames encoded (latent size %d)",
              output, n_obs, particles.size, frames.size, k)
     return ds
+
+
+def _fit_calibration(model, window, patches_path, particle, frame, settings, seed, **encode_kwargs):
+    """The spread calibration fitted on a seeded sample of the windows (None: off, or no pose latents)."""
+    n_cal = int((settings or {}).get("calibration_windows", 512))
+    if n_cal == 0 or getattr(model, "settings", {}).get("model", "rvae") != "rvae":
+        return None
+    rng = np.random.default_rng(seed)
+    n = int(window.shape[0])
+    sel = np.sort(rng.choice(n, size=min(n_cal, n), replace=False))
+    wins = _read_windows(window, sel, patches_path, particle, frame)
+    calibration = fit_calibration(lambda w: _encode_windows(model, w, **encode_kwargs), wins, seed=int(seed))
+    log.info("encode: spreads calibrated on %d windows (angle x%.3g + %.3g rad, shift x%.3g + %.3g grid px)",
+             sel.size, calibration["angle"]["scale"], calibration["angle"]["floor"],
+             calibration["shift"]["scale"], calibration["shift"]["floor"])
+    return calibration
+
+
+def _encode_windows(model: Any, wins: np.ndarray, *, batch_size, device, method) -> dict[str, np.ndarray]:
+    """The model's outputs for one block of windows (``method`` only for models that take it)."""
+    import inspect
+
+    kwargs = {"batch_size": batch_size, "device": device}
+    if method is not None and "method" in inspect.signature(model.encode).parameters:
+        kwargs["method"] = method
+    return model.encode(wins, **kwargs)
+
+
+def _read_windows(window: xr.DataArray, sel: np.ndarray, patches_path: Path, particle: np.ndarray,
+                  frame: np.ndarray) -> np.ndarray:
+    """Windows ``sel`` (sorted obs indices) as float32; InputError naming them when any holds NaN."""
+    lo, hi = int(sel[0]), int(sel[-1]) + 1
+    if hi - lo <= 2 * sel.size:
+        wins = np.asarray(window[lo:hi].values, dtype=np.float32)[sel - lo]
+    else:
+        wins = np.asarray(window.isel(obs=sel).values, dtype=np.float32)
+    bad = ~np.isfinite(wins).all(axis=(1, 2))
+    if bad.any():
+        where = sel[bad]
+        listed = ", ".join(f"obs {o} (particle {particle[o]}, frame {frame[o]})" for o in where[:5])
+        more = f" and {where.size - 5} more in this block" if where.size > 5 else ""
+        raise InputError(f"{patches_path}: window holds NaN or infinite pixels at {listed}{more}; "
+                         f"expected finite intensities (recut the windows with rvae-tools windows)")
+    return wins
 
 
 def _chunks(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -67,6 +67,7 @@ import numpy as np
 from .config import MOVIE_READER_KEYS, load_config, movie_entry, validate_config
 from .errors import InputError
 from .io import atomic_output, read_json
+from .ngff import add_ngff
 from .provenance import file_sha256, provenance_attrs
 
 log = logging.getLogger(__name__)
@@ -1196,6 +1197,9 @@ def ingest(
             written += filled
         if written != n:
             raise InputError(f"{src.path}: only {written} of {n} frames could be read")
+        add_ngff(tmp, "image", pixel_size=plan.units["pixel_size"], pixel_unit=plan.units["pixel_unit"],
+                 frame_interval=None if "frame_interval" in plan.defaults else plan.units["frame_interval"],
+                 name=Path(str(path)).stem)
         zarr.consolidate_metadata(str(tmp))
     log.info("wrote %s (%d frames, %d x %d px, sha256 %s)", output, n, height, width, sha256[:12])
     return Path(output)

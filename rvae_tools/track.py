@@ -587,6 +587,9 @@ def track(
     source : str
         Name of the detections for error messages.
     """
+    from .inspect import resolve_settings
+
+    settings, _ = resolve_settings("track", settings)  # an 'auto' left by a direct caller: its fallback
     timings: dict[str, float] = {}
     start = time.perf_counter()
     detections = check_detections(detections, source)

@@ -34,7 +34,7 @@ def train(patches: list[str | Path], output: str | Path, settings: dict, *, devi
     """Train on the windows of ``patches`` (patches.zarr stores) and save the model at ``output``.
 
     ``labels`` (a CSV/Parquet labels file, see :mod:`rvae_tools.labels`) trains the class models
-    (``rvae.model`` ssrvae, ssvae; jrvae needs none); ``movies`` names the stores in the labels'
+    (``rvae.model`` ssrvae, ssvae); ``movies`` names the stores in the labels'
     movie column (default: each store's folder name). Returns the trained model; its
     ``checksum`` is the SHA-256 of ``output``.
     """
@@ -48,13 +48,13 @@ def train(patches: list[str | Path], output: str | Path, settings: dict, *, devi
         raise InputError(f"--labels-movie: {len(movies)} movie name(s) for {len(patches)} patches store(s); expected one per store")
     source = WindowSource([str(p) for p in patches], memory_mb=float(settings["memory_mb"]))
     fit_labels, names = None, None
-    if settings["model"] in CLASS_MODELS and labels is not None and settings["model"] != "jrvae":
+    if settings["model"] in CLASS_MODELS and labels is not None:
         from .labels import read_labels, store_index, window_labels
 
         stores = [store_index(p, m) for p, m in zip(patches, movies or [None] * len(patches))]
         fit_labels, names = window_labels(read_labels(labels), stores, source=str(labels), classes=settings["classes"])
         settings = {**settings, "classes": settings["classes"] or len(names)}
-    elif settings["model"] in ("ssrvae", "ssvae"):
+    elif settings["model"] in CLASS_MODELS:
         raise InputError(f"rvae.model {settings['model']} learns classes from labelled windows; expected a labels "
                          "file (--labels, or labels: in the movie's config entry)")
     elif labels is not None:

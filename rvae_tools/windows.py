@@ -403,6 +403,9 @@ def make_windows(
 
     movie_path, tracks_path, output = Path(movie_path), Path(tracks_path), Path(output)
     probability_path = Path(probability_path) if probability_path is not None else None
+    from .inspect import resolve_settings
+
+    settings, _ = resolve_settings("windows", settings)  # an 'auto' left by a direct caller: its fallback
     size = int(settings["size"])
     order = _ORDERS[settings["interpolation"]]
     edge = settings["edge"]

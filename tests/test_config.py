@@ -174,7 +174,8 @@ def test_window_larger_than_a_real_movies_cropped_frame(tmp_path):
 
     movie = tmp_path / "movie.tif"
     tifffile.imwrite(movie, np.zeros((5, 64, 64), np.uint16), photometric="minisblack")
-    message = _check(tmp_path, {"movies": {"m": {"path": str(movie), "crop": [0, 20, 0, 64]}}})
+    # A set size is checked at once (auto is decided by the movie's inspection).
+    message = _check(tmp_path, {"movies": {"m": {"path": str(movie), "crop": [0, 20, 0, 64], "windows": {"size": 32}}}})
     assert "movies.m.windows.size" in message and "20 x 64" in message
     message = _check(tmp_path, {"movies": {"m": {"path": str(movie), "crop": [0, 80, 0, 64]}}})
     assert "movies.m" in message and "crop" in message and "outside" in message

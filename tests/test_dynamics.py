@@ -441,3 +441,23 @@ def test_real_spheres_in_water_report_isotropic_particles_and_no_transition():
     assert a["translational_drift"] == "tracks"
     # 1 um spheres in water: D = kT / (6 pi eta a), about 0.4 um^2/s (the walkthrough's A/4).
     assert a["translational_diffusion"] == pytest.approx(0.4, rel=0.3)
+
+
+def test_species_recorded_by_the_encode_stage_are_used_with_their_symmetry():
+    rng = np.random.default_rng(30)
+    p, f = 60, 30
+    latents = make_latents(rng.uniform(0, 2 * np.pi, (p, f)), rng=rng)
+    # As rvae_tools.calibration records them: a JSON table and the species index per trajectory.
+    latents.attrs["species"] = json.dumps([{"name": "species0", "symmetry": 2, "source": "latent"},
+                                           {"name": "species1", "symmetry": 0, "source": "latent"}])
+    latents.attrs["species_symmetry"] = [2, 0]
+    latents = latents.assign_coords(species=("particle", np.repeat([1, 0], p // 2)))
+    ds = compute_dynamics(latents, None, settings(bootstrap=0))
+    assert ds.attrs["species_method"] == "latents" and ds.attrs["symmetry_source"] == "latents"
+    assert ds["symmetry"].values.tolist() == [0] * 30 + [2] * 30
+    assert np.isnan(ds["angle_resultant"].sel(species_index=1).values).all()  # isotropic: no order
+    assert np.isfinite(ds["angle_resultant"].sel(species_index=0).values).all()
+    # Class names from a classifier match the species by name.
+    latents = latents.drop_vars("species")
+    latents["cls"] = ("particle", np.repeat(["species1", "species0"], p // 2).astype(object))
+    assert compute_dynamics(latents, None, settings(bootstrap=0))["symmetry"].values.tolist() == [0] * 30 + [2] * 30

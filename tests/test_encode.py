@@ -111,6 +111,8 @@ def test_latents_follow_the_contract(movie_dir, tmp_path):
     assert ds.attrs["pixel_size"] == 2.0 and ds.attrs["pixel_unit"] == "nm" and ds.attrs["frame_interval"] == 0.5
     assert ds.attrs["stage"] == "encode" and ds.attrs["config_hash"] and "torch" in json.loads(ds.attrs["library_versions"])
     assert ds.attrs["seed"] == 0
+    calibration = json.loads(ds.attrs["spread_calibration"])
+    assert calibration["n_windows"] == ds.attrs["n_windows"] and calibration["angle"]["scale"] >= 0
 
 
 def test_cli_with_settings_and_mismatched_checkpoints(movie_dir, tmp_path, capsys):
@@ -158,9 +160,33 @@ def test_interrupted_encoding_leaves_no_store(movie_dir, tmp_path):
     model.encode = interrupted
     out = tmp_path / "latents.zarr"
     with pytest.raises(KeyboardInterrupt):
-        encode_patches(movie_dir / "patches.zarr", model_path, out, model=model, batch_size=8, progress=False)
+        encode_patches(movie_dir / "patches.zarr", model_path, out, model=model, batch_size=8, progress=False,
+                       settings=validate_section("rvae", {**TINY, "calibration_windows": 0}))
     assert calls == [8, 8]  # one block per chunk of patches.zarr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def _copy_with_nan(patches_path, out, obs, whole):
+    ds = xr.open_zarr(patches_path).load()
+    win = ds.window.values.copy()
+    if whole:
+        win[obs] = np.nan
+    else:
+        win[obs, 3, 4] = np.nan
+    ds["window"] = (ds.window.dims, win)
+    write_zarr(ds, out)
+    return ds
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_nan_windows_are_an_error_naming_the_file_and_observations(movie_dir, tmp_path, whole):
+    movie_dir, _, model_path = movie_dir
+    bad = tmp_path / "nan_patches.zarr"
+    ds = _copy_with_nan(movie_dir / "patches.zarr", bad, [5], whole)
+    p, f = int(ds.particle.values[5]), int(ds.frame.values[5])
+    with pytest.raises(InputError, match=rf"nan_patches.zarr: .*NaN.* obs 5 \(particle {p}, frame {f}\)"):
+        encode_patches(bad, model_path, tmp_path / "latents.zarr", progress=False)
+    assert not (tmp_path / "latents.zarr").exists()
 
 
 def test_majority_class_breaks_ties_by_smallest():

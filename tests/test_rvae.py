@@ -178,6 +178,31 @@ def test_encode_outputs_and_reconstruction(trained):
     assert dec.shape == (2, 24, 24)
 
 
+def test_calibrated_intervals_cover_the_true_angles(trained):
+    """68 % / 95 % angle intervals on windows of known truth (a tiny set: within 10 / 5 points)."""
+    from scipy.stats import norm
+
+    from rvae_tools.rvae.uncertainty import apply_calibration, fit_calibration
+
+    def encode(w):
+        return trained.encode(w, device="cpu", method="exact")
+
+    cal_x, _, _ = l_windows(200, seed=11)
+    calibration = fit_calibration(encode, cal_x, seed=0)
+    x, angles, _ = l_windows(200, seed=7)
+    raw = encode(x)
+    out = apply_calibration(raw, calibration)
+    # The model's angle origin is learned: one constant offset relative to the truth.
+    offset = np.angle(np.mean(np.exp(1j * (angles - out["angle"]))))
+    err = np.abs(np.angle(np.exp(1j * (angles - out["angle"] - offset))))
+    coverage = {c: np.mean(err <= norm.ppf(0.5 + c / 2) * out["angle_sd"]) for c in (0.68, 0.95)}
+    assert abs(coverage[0.68] - 0.68) <= 0.10 and abs(coverage[0.95] - 0.95) <= 0.05, coverage
+    # The L has one end: no flip, and the uncalibrated spread alone is far too narrow.
+    assert np.median(out["flip_prob"]) < 0.1
+    assert np.mean(err <= 1.96 * raw["angle_sd"]) < 0.8
+    assert set(calibration) >= {"angle", "shift", "flip_rate"} and calibration["angle"]["n"] > 150
+
+
 def test_wrap_angle_respects_symmetry():
     assert wrap_angle(np.pi + 0.1, 2) == pytest.approx(0.1)
     assert wrap_angle(-0.1, 1) == pytest.approx(-0.1)

@@ -340,3 +340,25 @@ def test_cli_trains_segments_and_rejects_bad_input(tmp_path, capsys):
     written = draw(movie_dir, tmp_path / "figures", formats=("png",), dpi=60)
     assert sorted(p.stem for p in written) == sorted(FIGURES)
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+# --------------------------------------------------------------------------- classical detector
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_classical_detector_with_inspected_settings_finds_rods_and_their_axes(dark):
+    from rvae_tools.inspect import inspect_frames, resolve_settings
+
+    syn = validate_section("segment", {"synthetic": dict(TINY_SYNTHETIC, shape=[128, 128])})["synthetic"]
+    images, _, truth = render_frames(syn, 4, 11)
+    movie = (1.0 - images) if dark else images
+    inspection, _ = inspect_frames({i: movie[i] for i in range(len(movie))})
+    settings, _ = resolve_settings("segment", validate_section("segment", {}), inspection)
+    assert settings["method"] == "classical" and settings["invert"] is dark
+    det, prob = segment_movie(movie, settings)
+    assert prob is None and {"length", "width", "major_axis", "minor_axis"} <= set(det.columns)
+    assert detection_scores(det, truth, 3.0)["f1"] >= 0.9
+    t, p = match_points(truth[["x", "y"]].to_numpy(), det[["x", "y"]].to_numpy(), 3.0)
+    same = truth["frame"].to_numpy()[t] == det["frame"].to_numpy()[p]
+    delta = truth["angle"].to_numpy()[t][same] - det["orientation"].to_numpy()[p][same]
+    assert abs(np.mean(np.exp(2j * delta))) >= 0.95  # axes agree modulo pi

@@ -90,10 +90,11 @@ def _hostile_config(work: Path) -> dict:
     for path in movie_keys:
         if path[0] != "path" and len(path) == 1:
             real[path[0]] = HOSTILE
-    real["segment"] = {"train": {"source": "pseudo"}}
+    real["segment"] = {"method": "unet", "train": {"source": "pseudo"}}
     real["windows"] = {"source": "probability"}
     config["movies"] = {
-        "real": real,  # ingest, pseudo-label segmenter training, segment, windows from probability
+        "real": real,  # ingest, inspect, pseudo-label segmenter training, segment, windows from probability
+        "plain": {"path": str(movie.relative_to(work))},  # inspect, segment_classical (a user movie's default)
         "sim": {"simulate": {}},  # simulate, segmenter training on the movie's simulator
         "ckpt": {"simulate": {}, "segment": {"checkpoint": str(checkpoint.relative_to(work))}},
         "loc": {"simulate": {}, "segment": {"method": "locate"}},  # segment_locate

@@ -179,7 +179,7 @@ def test_class_models_need_labels_of_every_class():
     with pytest.raises(InputError, match="condition: class"):
         _model("ssrvae", condition="class").fit(x, labels=np.where(np.arange(len(y)) == 0, -1, y), epochs=1, progress=False)
     with pytest.raises(InputError, match="classes"):
-        build_model(_settings("jrvae", classes=None), 24)
+        build_model(_settings("ssrvae", classes=None), 24)
 
 
 # --------------------------------------------------------------------------- labels files
@@ -256,7 +256,10 @@ def test_train_classify_and_encode_write_the_class_contract(tmp_path, capsys):
     assert main(["train", str(patches), "-o", str(model), "--labels", str(labels), "--settings", settings,
                  "--device", "cpu", "--no-progress"]) == 0
     out = tmp_path / "classes.parquet"
-    assert main(["classify", str(patches), str(model), "-o", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert main(["classify", str(patches), str(model), "-o", str(out), "--device", "cpu", "--no-progress",
+                 "--labels", str(labels), "--figures", str(tmp_path / "figures")]) == 0
+    assert {p.name for p in (tmp_path / "figures").glob("*.png")} == {"class_templates.png", "class_fractions.png",
+                                                                      "class_confusion.png"}
     table = pd.read_parquet(out)
     assert {"particle", "frame", "cls", "cls_index", "cls_prob", "prob_a", "prob_b", "prob_c"} <= set(table.columns)
     assert len(table) == len(x) and set(table["cls"]) <= {"a", "b", "c"}

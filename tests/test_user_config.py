@@ -74,3 +74,30 @@ def test_snakemake_config_errors_name_the_file_and_line(tmp_path):
     line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "invalid configuration" in line)
     assert str(bad) in line and "movies.a.windows.size" in line and "do not fit" in line
     assert not (work / "results").exists()
+
+
+def test_snakemake_stops_on_a_device_this_machine_lacks(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the check passes on a machine with CUDA; test_config covers the message
+    config = tmp_path / "cuda.yaml"
+    config.write_text("device: cuda:3\nmovies:\n  a: {simulate: {}}\n")
+    proc = _dry_run(tmp_path / "work", config)
+    assert proc.returncode != 0
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "invalid configuration" in line)
+    assert "device: 'cuda:3'" in line and "no CUDA device" in line
+
+
+def test_broken_default_config_names_line_and_column(tmp_path):
+    work = tmp_path / "work"
+    (work / "config").mkdir(parents=True)
+    broken = (REPO / "config" / "config.yaml").read_text().replace("seed: 0 ", "seed: [0 ", 1)
+    assert broken != (REPO / "config" / "config.yaml").read_text()
+    (work / "config" / "config.yaml").write_text(broken)
+    args = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(work),
+            "--dry-run", "--cores", "1", "--workflow-profile", "none"]
+    proc = subprocess.run(args, cwd=work, env=tool_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "invalid configuration" in line)
+    assert re.search(r"config/config\.yaml: line \d+, column \d+: not valid YAML", line), line

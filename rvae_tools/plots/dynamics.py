@@ -279,7 +279,11 @@ def _order_parameters(lat, dyn, out, **kw):
     cp = _frame_to_time(dyn, a.get("transition_frame_changepoint"))
     if cp is not None and tc is not None:
         ax.axvline(cp, color="gray", ls=":", lw=1, label="change point")
-    if tc is None:
+    if "S_n" in dyn and not np.isfinite(dyn["S_n"].values).any():
+        # Never drawn as order: pose-less angles or isotropic particles have none.
+        why = "no angles" if a.get("angles") in ("absent", "constant") else "isotropic particles: no orientation"
+        ax.set_title(f"{why}; no angle-based order parameter", fontsize="small")
+    elif tc is None:
         ax.set_title("no ordering transition detected", fontsize="small")
     ax.set_xlabel(f"time ({unit})")
     ax.set_ylabel("order parameter")

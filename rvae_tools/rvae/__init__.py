@@ -3,7 +3,7 @@
 Modules: :mod:`.networks` (encoders and coordinate decoders), :mod:`.losses` (KL terms and
 likelihoods), :mod:`.model` (:class:`RVAE`), :mod:`.trainer` (the training loop),
 :mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE, Gaussian mixture),
-:mod:`.semisupervised` (class latents: ssrvae, jrvae, conditional, ssvae).
+:mod:`.semisupervised` (class latents: ssrvae, conditional, ssvae).
 """
 
 from .model import RVAE, wrap_angle

@@ -220,16 +220,26 @@ class RVAE:
 
     def _responsibilities(self, x: torch.Tensor, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """Posterior over the discrete rotations given the posterior means of z and the shift."""
+        return torch.softmax(self.log_rotation_prior[None] + self._log_likelihood(x, enc, enc["theta_mu"]), dim=1)
+
+    def _log_likelihood(self, x: torch.Tensor, enc: dict[str, torch.Tensor], theta: torch.Tensor) -> torch.Tensor:
+        """log p(x | z, theta_j, d) (B, m) at the posterior means of z and the shift, for angles ``theta`` (B, m)."""
         mask = torch.isfinite(x)
         x0 = torch.nan_to_num(x, nan=0.0)
-        decoded = self.decoder(enc["z_mu"], enc["theta_mu"], enc["t_mu"]).float()
+        decoded = self.decoder(self._decoder_z(enc), theta, enc["t_mu"]).float()
         decoded = decoded + self._background(x0, mask)[:, None, None, None]
         mm = mask[:, None].float() if not bool(mask.all()) else None
         if self.settings["likelihood"] == "bernoulli":
             rec = losses.bernoulli_nll(x0[:, None], decoded, mm)
         else:
             rec = losses.gaussian_nll(x0[:, None], decoded, self._noise_sd(), mm)
-        return torch.softmax(self.log_rotation_prior[None] - rec, dim=1)
+        return -rec
+
+    def _decoder_z(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The decoder's input at the posterior mean (class models add their most probable class)."""
+        if "class_logits" in enc and hasattr(self, "_with_class"):
+            return self._with_class(enc["z_mu"], enc["class_logits"].argmax(1))
+        return enc["z_mu"]
 
     def _background(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Per-window background level added to the decoding (0 unless ``background: median``).
@@ -276,30 +286,48 @@ class RVAE:
         self.net.eval()
         return dev
 
-    def encode(self, windows, batch_size: int | None = None, device: str | torch.device = "auto") -> dict[str, np.ndarray]:
+    def encode(self, windows, batch_size: int | None = None, device: str | torch.device = "auto",
+               method: str | None = None) -> dict[str, np.ndarray]:
         """Posterior means and spreads of every window.
+
+        Parameters
+        ----------
+        method : {"fast", "exact"}, optional
+            How the posterior over the equivariant encoder's discrete rotations is found
+            (default: the ``encode_method`` setting). ``fast``: the encoder's own categorical
+            posterior (trained to match the exact responsibilities), its two most probable
+            rotations re-weighed by decoding only those (see :meth:`_refine_top`); ``exact``:
+            every one of the r rotations is decoded and the responsibilities computed.
 
         Returns
         -------
         dict of ndarray
             ``angle`` (n,) rad in [-pi, pi): the most probable rotation component's angle;
-            ``angle_sd``: the equivariant encoder's spread of the rotation posterior about it
-            (large for ambiguous orientations, e.g. pi/2 when a rod's two ends are equally
-            likely), or the Gaussian angle posterior's sd of the plain encoders;
-            ``rotation_prob``: the probability of that component;
-            ``dx``, ``dy``, ``dx_sd``, ``dy_sd`` in pixels; ``z``, ``z_sd`` (n, k);
+            ``angle_sd`` (rad): spread of the angle about it within its half-circle: the
+            rotation posterior's spread there plus the continuous offset's spread (local
+            curvature of the likelihood, see :meth:`_laplace`);
+            ``flip_prob``: posterior probability that the particle points the other way (its
+            angle more than pi/2 from ``angle``; 0.5 for a rod whose ends look alike; NaN for
+            encoders without a rotation posterior);
+            ``rotation_prob``: the probability of the most probable component;
+            ``dx``, ``dy``, ``dx_sd``, ``dy_sd`` in pixels (spreads from the likelihood's
+            curvature); ``z``, ``z_sd`` (n, k) (the encoder's posterior);
             ``background``: the level added to the decoding (``background: median``).
         """
         from ..device import autocast, to_device
 
+        method = method or self.settings.get("encode_method", "exact")
+        if method not in ("fast", "exact"):
+            raise InputError(f"encode method {method!r} is unknown; expected fast or exact")
         batch_size = int(batch_size or self.settings["encode_batch_size"])
         source, batches = self._batches(windows, batch_size)
         dev = self._prepare(device)
         n, k = len(source), self.latent_dim
         out = {name: np.empty(n, dtype=np.float32) for name in
-               ("angle", "angle_sd", "rotation_prob", "dx", "dy", "dx_sd", "dy_sd", "background")}
+               ("angle", "angle_sd", "flip_prob", "rotation_prob", "dx", "dy", "dx_sd", "dy_sd", "background")}
         out["z"] = np.empty((n, k), dtype=np.float32)
         out["z_sd"] = np.empty((n, k), dtype=np.float32)
+        pose = self.settings["model"] == "rvae"
         with torch.inference_mode():
             for idx, block in batches:
                 x = to_device(torch.from_numpy(block), dev)
@@ -307,33 +335,93 @@ class RVAE:
                     enc = self.encoder(torch.nan_to_num(x, nan=0.0))
                 enc = {key: value.float() for key, value in enc.items()}
                 q = torch.softmax(enc["logits"], dim=1)
-                if self.rotations > 1 and self.settings["rotation_inference"] == "marginal":
+                if self.rotations > 1 and method == "exact":
                     q = self._responsibilities(x, enc)
+                elif self.rotations > 1:
+                    q = self._refine_top(x, enc, q)
                 best = q.argmax(1, keepdim=True)
                 theta = enc["theta_mu"].gather(1, best)[:, 0]
                 theta = torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
-                if self.rotations > 1:
-                    # Spread of the rotation posterior about the reported angle (its components
-                    # are point angles): large when a particle's orientation is ambiguous.
-                    diff = torch.remainder(enc["theta_mu"] - theta[:, None] + math.pi, 2 * math.pi) - math.pi
-                    angle_sd = (q * diff ** 2).sum(1).sqrt()
+                background = self._background(torch.nan_to_num(x), torch.isfinite(x))
+                if pose:
+                    var = self._laplace(x, self._decoder_z(enc), theta, enc["t_mu"], background)
                 else:
-                    angle_sd = enc["theta_logsd"][:, 0].exp()
+                    var = torch.full((x.shape[0], 3), math.nan, device=x.device)
+                if self.rotations > 1:
+                    diff = torch.remainder(enc["theta_mu"] - theta[:, None] + math.pi, 2 * math.pi) - math.pi
+                    near = diff.abs() <= math.pi / 2
+                    mass = (q * near).sum(1).clamp(min=1e-12)
+                    # The rotation posterior's spread within the reported angle's half-circle;
+                    # the other half is the flip, reported as its own probability.
+                    angle_var = (q * near * diff ** 2).sum(1) / mass + var[:, 0]
+                    flip = 1.0 - (q * near).sum(1)
+                else:
+                    angle_var = enc["theta_logsd"][:, 0].exp() ** 2 if not pose else var[:, 0]
+                    flip = torch.full_like(theta, math.nan)
                 res = {
                     "angle": theta,
-                    "angle_sd": angle_sd,
+                    "angle_sd": angle_var.sqrt(),
+                    "flip_prob": flip.clamp(0, 1),
                     "rotation_prob": q.gather(1, best)[:, 0],
                     "dx": enc["t_mu"][:, 0] / self.pixel,
                     "dy": enc["t_mu"][:, 1] / self.pixel,
-                    "dx_sd": enc["t_logsd"][:, 0].exp() / self.pixel,
-                    "dy_sd": enc["t_logsd"][:, 1].exp() / self.pixel,
+                    "dx_sd": var[:, 1].sqrt() / self.pixel,
+                    "dy_sd": var[:, 2].sqrt() / self.pixel,
                     "z": enc["z_mu"],
                     "z_sd": enc["z_logsd"].exp(),
-                    "background": self._background(torch.nan_to_num(x), torch.isfinite(x)),
+                    "background": background,
                 }
                 for name, value in res.items():
                     out[name][idx] = value.cpu().numpy()
         return out
+
+    def _refine_top(self, x: torch.Tensor, enc: dict[str, torch.Tensor], q: torch.Tensor, top: int = 2) -> torch.Tensor:
+        """The encoder's rotation posterior with its ``top`` most probable components re-weighed exactly.
+
+        Only those components are decoded; their share of the posterior mass is split by the
+        exact responsibilities among them, so the reported rotation is the better-fitting of
+        the encoder's best guesses (the encoder's categorical is the cheaper, softer estimate).
+        """
+        top = min(top, q.shape[1])
+        keep = q.topk(top, dim=1).indices
+        log_w = self.log_rotation_prior[keep] + self._log_likelihood(x, enc, enc["theta_mu"].gather(1, keep))
+        share = q.gather(1, keep).sum(1, keepdim=True)
+        return q.scatter(1, keep, torch.softmax(log_w, dim=1) * share)
+
+    def _laplace(self, x: torch.Tensor, z: torch.Tensor, theta: torch.Tensor, shift: torch.Tensor,
+                 background: torch.Tensor) -> torch.Tensor:
+        """Variances (B, 3) of (angle rad, dx, dy grid units) from the likelihood's local curvature.
+
+        A Gauss-Newton (Laplace) approximation at the reported pose: the covariance is
+        ``s^2 (J^T J)^-1`` with ``J`` the derivative of the decoded window with respect to
+        (angle, dx, dy) (forward differences) and ``s^2`` the window's own residual variance,
+        so a window the model fits badly gets wide intervals. Costs four decodings of one
+        rotation per window.
+        """
+        eps_a, eps_t = 1e-2, 0.05 * self.pixel
+        th = theta[:, None]
+        kw = {}
+        if isinstance(self.decoder, TemplateDecoder):
+            kw["tpl"] = self.decoder.template(z)
+        ex = torch.tensor([eps_t, 0.0], device=x.device)
+        ey = torch.tensor([0.0, eps_t], device=x.device)
+        pair = self.decoder(z, torch.cat([th, th + eps_a], 1), shift, **kw).float()
+        images = [pair[:, 0], pair[:, 1],
+                  self.decoder(z, th, shift + ex, **kw).float()[:, 0],
+                  self.decoder(z, th, shift + ey, **kw).float()[:, 0]]
+        if self.settings["likelihood"] == "bernoulli":
+            images = [torch.sigmoid(im) for im in images]
+        mean = images[0] + background[:, None, None]
+        jac = torch.stack([(images[1] - images[0]) / eps_a, (images[2] - images[0]) / eps_t,
+                           (images[3] - images[0]) / eps_t], -1).flatten(1, 2)      # (B, P, 3)
+        mask = torch.isfinite(x).flatten(1).float()
+        resid = (torch.nan_to_num(x).flatten(1) - mean.flatten(1)) * mask
+        dof = (mask.sum(1) - 3).clamp(min=1)
+        s2 = (resid ** 2).sum(1) / dof
+        jtj = torch.einsum("bpi,bpj,bp->bij", jac, jac, mask)
+        jtj = jtj + 1e-6 * torch.eye(3, device=x.device) * jtj.diagonal(dim1=1, dim2=2).mean(1)[:, None, None].clamp(min=1e-12)
+        cov = torch.linalg.inv(jtj) * s2[:, None, None]
+        return cov.diagonal(dim1=1, dim2=2).clamp(min=0)
 
     def decode(self, z, angle=None, dx=None, dy=None, device: str | torch.device = "cpu") -> np.ndarray:
         """Images (n, wy, wx) of content ``z`` (n, k) at ``angle`` (rad) and shifts (px); None = 0."""

@@ -1,5 +1,5 @@
-"""Class latents for the rVAE: semi-supervised (ssrvae), joint unsupervised (jrvae), conditional
-(``condition: class``) and the pose-less semi-supervised baseline (ssvae), on one code path.
+"""Class latents for the rVAE: semi-supervised (ssrvae), conditional (``condition: class``) and
+the pose-less semi-supervised baseline (ssvae), on one code path.
 
 Generative model: a class ``y ~ Cat(1/K)`` next to the rVAE's rotation, shift and content
 ``z ~ N(0, I)``; the decoder is given ``[z, onehot(y)]``. Inference: the rVAE encoder for
@@ -15,9 +15,9 @@ the discrete rotation summed out exactly as in :meth:`RVAE.loss`):
     labelled (x, y):  L(x, y) + log K + class_weight * (N / N_labelled) * (-log q(y | x))
     unlabelled x:     sum_y q(y | x) L(x, y) + KL(q(y | x) || Cat(1/K))
 
-The unlabelled class is summed out exactly over all K classes (no sampling). ``jrvae`` is the
-same model with no labelled window; ``condition: class`` is the same model with every window
-labelled (the classifier is still trained, so the model can classify windows without labels).
+The unlabelled class is summed out exactly over all K classes (no sampling). ``condition:
+class`` is the same model with every window labelled (the classifier is still trained, so the
+model can classify windows without labels).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .networks import (
 )
 
 #: Values of ``rvae.model`` that have a class latent.
-CLASS_MODELS = ("ssrvae", "jrvae", "ssvae")
+CLASS_MODELS = ("ssrvae", "ssvae")
 #: Angular Fourier magnitudes (beyond the mean) the classifier sees per feature channel.
 HARMONICS = 4
 
@@ -124,7 +124,7 @@ class LabelledWindows(WindowSource):
 
 
 class ClassRVAE(RVAE):
-    """The rVAE with a discrete class latent (``rvae.model`` ssrvae, jrvae or ssvae).
+    """The rVAE with a discrete class latent (``rvae.model`` ssrvae or ssvae).
 
     Parameters are those of :class:`RVAE`; ``classes`` (the number K) is required.
     ``class_names`` maps class indices to the user's class values (default ``0 .. K-1``).
@@ -264,7 +264,7 @@ class ClassRVAE(RVAE):
         known = labels >= 0
         y = labels.clamp(min=0)
         ce = -logq.gather(1, y[:, None])[:, 0]
-        alpha = 0.0 if self.settings["model"] == "jrvae" else float(self.settings["class_weight"]) * self._label_scale
+        alpha = float(self.settings["class_weight"]) * self._label_scale
         labelled = per_class.gather(1, y[:, None])[:, 0] + math.log(K) + alpha * ce
         unlabelled = (q * per_class).sum(1) + (q * logq).sum(1) + math.log(K)
         total = torch.where(known, labelled, unlabelled)
@@ -299,12 +299,11 @@ class ClassRVAE(RVAE):
         """Train on ``windows`` with class indices ``labels`` (one per window, -1 = unlabelled).
 
         ssrvae / ssvae need at least one labelled window of every class; ``condition: class``
-        needs every window labelled; jrvae ignores labels. Other keywords as :meth:`RVAE.fit`.
+        needs every window labelled. Other keywords as :meth:`RVAE.fit`.
         """
         from .trainer import fit
 
-        source = LabelledWindows(windows, None if self.settings["model"] == "jrvae" else labels,
-                                 memory_mb=float(self.settings["memory_mb"]))
+        source = LabelledWindows(windows, labels, memory_mb=float(self.settings["memory_mb"]))
         check_label_coverage(source.labels, self.classes, self.settings, self.class_names)
         n_labelled = int((source.labels >= 0).sum())
         # As in Kingma et al. (2014), the classification loss grows with the share of unlabelled
@@ -407,8 +406,6 @@ def check_label_coverage(labels: np.ndarray, classes: int, settings: dict[str, A
     if labels.size and labels.max() >= classes:
         raise InputError(f"labels: class index {int(labels.max())} but rvae.classes is {classes}; "
                          f"expected indices 0..{classes - 1}")
-    if model == "jrvae":
-        return
     counts = np.bincount(labels[labels >= 0], minlength=classes)
     empty = [str(names[i]) for i in np.flatnonzero(counts == 0)]
     if empty:

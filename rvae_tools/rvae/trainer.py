@@ -326,7 +326,7 @@ def _load_resumable(found, model, fingerprint) -> dict[str, Any] | None:
 
 
 # Settings that change how training runs or what is encoded, not what is being trained.
-_RESUME_TOLERANT = {"encode_batch_size", "pooled", "memory_mb", "amp", "patience", "restore_best"}
+_RESUME_TOLERANT = {"encode_batch_size", "encode_method", "calibration_windows", "pooled", "memory_mb", "amp", "patience", "restore_best"}
 
 
 def _write_history(history: list[dict[str, Any]], path) -> None:

@@ -107,7 +107,8 @@ def run_segment(args: argparse.Namespace) -> int:
         raise InputError("--probability: only method unet produces a probability map")
     n = image.shape[0]
     prov = provenance_attrs(settings=settings, seed=settings["seed"], model_checksum=checksum, stage="segment",
-                            inputs={"movie": str(args.input), "checkpoint": str(checkpoint) if checkpoint else None})
+                            inputs={"movie": str(args.input), "checkpoint": str(checkpoint) if checkpoint else None,
+                                    "inspect": str(args.inspect) if args.inspect else None})
     frames = image.data  # dask or numpy; indexed one frame at a time
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:

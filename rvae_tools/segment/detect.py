@@ -1,4 +1,4 @@
-"""Detect particles in every frame of a movie with the U-Net or ``trackpy.locate``."""
+"""Detect particles in every frame of a movie: U-Net, the classical detector or ``trackpy.locate``."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def segment_movie(
     settings : dict
         Validated ``segment`` section.
     model : UNet, optional
-        Required for ``method: unet``.
+        Required for ``method: unet`` (``classical`` and ``locate`` need none).
     model_config : dict, optional
         The checkpoint config of ``model`` (normalisation).
     device : torch.device, optional
@@ -63,24 +63,32 @@ def segment_movie(
     detections : DataFrame (the detections contract)
     probability : ndarray (frame, y, x) float32 or None
     """
+    from ..inspect import resolve_settings
+
+    settings, _ = resolve_settings("segment", settings)  # an 'auto' left by a direct caller: its fallback
     n = len(frames)
     tables: list[pd.DataFrame] = []
     prob_out = None
     pp = settings["postprocess"]
-    if settings["method"] == "locate":
+    if settings["method"] in ("locate", "classical"):
         import sys
 
         from tqdm import tqdm
 
+        from .classical import classical_frame
         from .locate import locate_frame
-        for i in tqdm(range(n), desc="locate", unit="frame", file=sys.stderr, disable=not progress, mininterval=2.0):
+        method = settings["method"]
+        for i in tqdm(range(n), desc=method, unit="frame", file=sys.stderr, disable=not progress, mininterval=2.0):
             frame = np.asarray(frames[i], np.float32) if not isinstance(frames, np.ndarray) else frames[i]
             finite = np.isfinite(frame)
             if not finite.any() or np.nanmax(frame) == np.nanmin(frame):
                 _frame_warning(i, "blank, constant or all-NaN frame")
                 continue
-            found = locate_frame(frame, settings["locate"], invert=settings["invert"], index=i)
-            if pp["edge"] > 0 and len(found):
+            if method == "classical":
+                found = classical_frame(frame, settings["classical"], invert=bool(settings["invert"]), index=i)
+            else:
+                found = locate_frame(frame, settings["locate"], invert=bool(settings["invert"]), index=i)
+            if method == "locate" and pp["edge"] > 0 and len(found):
                 h, w = frame.shape
                 e = pp["edge"]
                 found = found[(found.x >= e) & (found.x <= w - 1 - e) & (found.y >= e) & (found.y <= h - 1 - e)]

@@ -40,10 +40,12 @@ def train_segmenter(settings: dict[str, Any], *, sim_settings: dict[str, Any] | 
     history : list of dict
     """
     from ..device import select_device
+    from ..inspect import resolve_settings
     from . import synthetic
     from .train import train_unet
     from .unet import model_config, normalise
 
+    settings, _ = resolve_settings("segment", settings)  # an 'auto' left by a direct caller: its fallback
     device = device or select_device("auto")
     train = settings["train"]
     seed = int(settings["seed"])
@@ -54,7 +56,9 @@ def train_segmenter(settings: dict[str, Any], *, sim_settings: dict[str, Any] | 
         masks = synthetic.core_masks(truth, len(images), images.shape[1:], dims, train["core"])
     elif source in ("simulate", "synthetic"):
         if source == "simulate":
-            log.info("no simulator settings for this movie (a real movie): training on segment.synthetic frames")
+            log.warning("train.source: simulate, but this movie has no simulator settings (a user movie): training "
+                        "on segment.synthetic frames (%g x %g px particles); train.source: pseudo trains on the "
+                        "movie's own particles", settings["synthetic"]["length"], settings["synthetic"]["width"])
         images, _, truth = synthetic.render_frames(settings["synthetic"], train["frames"], seed + 7919)
         dims = {k: (sp["length"], sp["width"]) for k, sp in enumerate(synthetic.species_from_settings(settings["synthetic"]))}
         names = ["rod", "asymmetric"][: len(dims)]
@@ -91,6 +95,6 @@ def train_segmenter(settings: dict[str, Any], *, sim_settings: dict[str, Any] | 
     )
     config = model_config(classes, 1, settings["model"]["depth"], settings["model"]["width"], invert=invert,
                           species=names if names and len(names) == classes else None)
-    config["core"] = train["core"] if source in ("simulate", "synthetic") else None
+    config["core"] = train["core"] if source in ("simulate", "synthetic", "pseudo") else None
     config["source"] = source
     return model, config, history

@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+import zarr
 
 from ..io import atomic_output, json_safe_attrs
+from ..ngff import add_ngff
 
 
 class ProbabilityStore:
@@ -78,5 +80,12 @@ class ProbabilityStore:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             self._flush()
+            if self._written:
+                # OME-Zarr metadata so napari and Fiji open the map with the movie's scale
+                add_ngff(self._tmp, "probability", pixel_size=self.attrs.get("pixel_size"),
+                         pixel_unit=self.attrs.get("pixel_unit"), frame_interval=self.attrs.get("frame_interval"))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", category=UserWarning)
+                    zarr.consolidate_metadata(str(self._tmp))
             return bool(self._stack.__exit__(None, None, None))
         return bool(self._stack.__exit__(exc_type, exc, tb))

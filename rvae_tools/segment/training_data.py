@@ -128,16 +128,51 @@ def annotation_training_data(train: dict[str, Any]) -> tuple[np.ndarray, np.ndar
     return images, disc_masks(centres, len(images), images.shape[1:], train["disc_radius"])
 
 
+def region_core_masks(detections: pd.DataFrame, n_frames: int, shape: tuple[int, int], core: float) -> np.ndarray:
+    """Label masks of elliptical cores of detected regions (the particles' own shapes).
+
+    Each detection with ``length``, ``width`` (px) and ``orientation`` (rad) gets an ellipse
+    of ``core`` times its length and width (at least 2 px across) centred on it, labelled
+    ``cls + 1``: the same kind of target as the simulator's cores, so touching particles
+    stay apart in the prediction.
+    """
+    h, w = shape
+    masks = np.zeros((n_frames, h, w), np.uint8)
+    for row in detections.itertuples():
+        f = int(row.frame)
+        if not 0 <= f < n_frames:
+            continue
+        a = max(core * float(row.length), 2.0) / 2
+        b = max(core * float(row.width), 2.0) / 2
+        r = int(np.ceil(max(a, b))) + 1
+        x0, x1 = max(int(row.x) - r, 0), min(int(row.x) + r + 2, w)
+        y0, y1 = max(int(row.y) - r, 0), min(int(row.y) + r + 2, h)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        c, s = np.cos(row.orientation), np.sin(row.orientation)
+        u = (xx - row.x) * c + (yy - row.y) * s
+        v = -(xx - row.x) * s + (yy - row.y) * c
+        masks[f, y0:y1, x0:x1][(u / a) ** 2 + (v / b) ** 2 <= 1] = int(getattr(row, "cls", 0)) + 1
+    return masks
+
+
 def pseudo_label_training_data(movie: np.ndarray, settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(frames, masks) with discs where ``trackpy.locate`` finds particles in the movie itself."""
-    from .locate import locate_frame
+    """(frames, masks) for self-training: cores of the regions the classical detector finds in the movie.
+
+    ``train.frames`` frames spread evenly over the movie; the masks are
+    :func:`region_core_masks` of :func:`rvae_tools.segment.classical.classical_frame` with
+    ``train.core``.
+    """
+    from .classical import classical_frame
 
     train = settings["train"]
     n = movie.shape[0]
     picks = np.unique(np.linspace(0, n - 1, min(train["frames"], n)).round().astype(int))
     frames = np.stack([np.asarray(movie[i], np.float32) for i in picks])
-    found = [locate_frame(f, settings["locate"], invert=settings["invert"], index=k) for k, f in enumerate(frames)]
-    centres = pd.concat(found, ignore_index=True) if found else empty_detections()
-    centres["cls"] = 0
-    log.info("pseudo-labels: %d particles in %d frames", len(centres), len(frames))
-    return frames, disc_masks(centres, len(frames), frames.shape[1:], train["disc_radius"])
+    found = [classical_frame(f, settings["classical"], invert=bool(settings["invert"]), index=k)
+             for k, f in enumerate(frames)]
+    regions = pd.concat(found, ignore_index=True) if found else empty_detections()
+    regions["cls"] = 0
+    log.info("pseudo-labels: %d particles (classical detector) in %d frames", len(regions), len(frames))
+    return frames, region_core_masks(regions, len(frames), frames.shape[1:], train["core"])

@@ -133,9 +133,51 @@ def _movie_pattern(names):
     return "|".join(names) if names else "(?!x)x"
 
 
-SEGMENT_UNET = [m for m in MOVIES if _segment_settings(m)["method"] == "unet"]
-SEGMENT_LOCATE = [m for m in MOVIES if _segment_settings(m)["method"] == "locate"]
+#: Movies of the user (not simulated): inspected first (rule `inspect`), and every setting
+#: left at `auto` takes the inspected value (rvae_tools.inspect.resolve_settings).
+USER_MOVIES = [m for m in MOVIES if m not in SIMULATED]
+
+
+def _segment_method(movie):
+    """The detector of a movie; `auto` is unet for a simulated movie, classical for a user
+    movie (what rvae_tools.inspect.resolve_settings decides in the stage itself)."""
+    method = _segment_settings(movie)["method"]
+    if method == "auto":
+        return "unet" if movie in SIMULATED else "classical"
+    return method
+
+
+def _training_source(movie):
+    source = _segment_settings(movie)["train"]["source"]
+    if source == "auto":
+        return "simulate" if movie in SIMULATED else "pseudo"
+    return source
+
+
+SEGMENT_UNET = [m for m in MOVIES if _segment_method(m) == "unet"]
+SEGMENT_LOCATE = [m for m in MOVIES if _segment_method(m) == "locate"]
+SEGMENT_CLASSICAL = [m for m in MOVIES if _segment_method(m) == "classical"]
 SEGMENT_TRAIN = [m for m in SEGMENT_UNET if not _segment_settings(m)["checkpoint"]]
+
+
+def inspect_input(wildcards):
+    """A user movie's stages read its inspect.json (settings left at `auto`); a simulated one has none."""
+    if wildcards.movie in SIMULATED:
+        return {}
+    return {"inspect": f"{RESULTS}/{wildcards.movie}/inspect.json"}
+
+
+def inspect_args(wildcards):
+    """--inspect for a user movie's stages (quoted), nothing for a simulated movie."""
+    if wildcards.movie in SIMULATED:
+        return ""
+    return "--inspect " + shlex.quote(f"{RESULTS}/{wildcards.movie}/inspect.json")
+
+
+def inspect_settings(wildcards):
+    """The sections whose `auto` values the inspection decides, as the inspect rule records them."""
+    return json.dumps({section: stage_settings(config, section, wildcards.movie)
+                       for section in ("segment", "track", "windows")}, sort_keys=True)
 
 
 def segmenter_checkpoint(wildcards):
@@ -146,16 +188,19 @@ def segmenter_checkpoint(wildcards):
 
 def segmenter_training_input(wildcards):
     """Pseudo-labels are found in the movie itself; other sources need no input file."""
-    if _segment_settings(wildcards.movie)["train"]["source"] == "pseudo":
-        return {"movie": f"{RESULTS}/{wildcards.movie}/movie.zarr"}
-    return {}
+    inputs = dict(inspect_input(wildcards))
+    if _training_source(wildcards.movie) == "pseudo":
+        inputs["movie"] = f"{RESULTS}/{wildcards.movie}/movie.zarr"
+    return inputs
 
 
 def segmenter_training_args(wildcards):
     """--input for pseudo-labels, --simulate-settings for a simulated movie."""
     args = []
-    if _segment_settings(wildcards.movie)["train"]["source"] == "pseudo":
+    if _training_source(wildcards.movie) == "pseudo":
         args += ["--input", f"{RESULTS}/{wildcards.movie}/movie.zarr"]
+    if wildcards.movie not in SIMULATED:
+        args += ["--inspect", f"{RESULTS}/{wildcards.movie}/inspect.json"]
     if wildcards.movie in SIMULATED:
         args += ["--simulate-settings", json.dumps(stage_settings(config, "simulate", wildcards.movie), sort_keys=True)]
     return " ".join(shlex.quote(a) for a in args)

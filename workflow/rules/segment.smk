@@ -1,12 +1,49 @@
-# Segmentation: a U-Net per movie (or a shared checkpoint), or trackpy.locate.
+# Inspection and segmentation.
 #
-# Which rule makes a movie's detections is decided by its `segment` settings: movies with
-# method unet go through `segment` (detections + probability map), movies with method
-# locate through `segment_locate`. A unet movie without `segment.checkpoint` gets its own
-# network from `train_segmenter` (trained on the movie's own simulator settings, or on the
-# `segment.synthetic` settings for a real movie); with a checkpoint the training is skipped.
+# A user (non-simulated) movie is inspected first (rule `inspect`: polarity, particle size,
+# density, SNR, drift -> inspect.json and a QC figure); every stage setting left at `auto`
+# then takes the inspected value (`--inspect`), and bad input (no particles, particles under
+# 3 px or over a third of the frame) stops the workflow there, before any training.
+#
+# Which rule makes a movie's detections is decided by its `segment.method` (auto = unet for a
+# simulated movie, classical for a user movie): unet through `segment` (detections +
+# probability map), classical through `segment_classical`, locate through `segment_locate`.
+# A unet movie without `segment.checkpoint` gets its own network from `train_segmenter`
+# (trained on the movie's own simulator settings, or, for a user movie, self-trained on the
+# classical detector's regions in the movie itself); with a checkpoint the training is skipped.
+rule inspect:
+    """Measure a user movie's particles and decide the settings left at auto."""
+    input:
+        movie=f"{RESULTS}/{{movie}}/movie.zarr",
+    output:
+        inspection=f"{RESULTS}/{{movie}}/inspect.json",
+        figure=report(
+            f"{RESULTS}/{{movie}}/figures/inspect.png",
+            caption="../report/inspect.rst",
+            category="{movie}",
+            subcategory="inspection",
+        ),
+    wildcard_constraints:
+        movie=_movie_pattern(USER_MOVIES),
+    params:
+        settings=inspect_settings,
+    log:
+        f"{RESULTS}/logs/inspect/{{movie}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/inspect/{{movie}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/segment.yaml"
+    shell:
+        "rvae-tools inspect {input.movie:q} -o {output.inspection:q} --figure {output.figure:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"
+
+
 rule train_segmenter:
-    """Train the U-Net segmenter of one movie on simulated frames, annotations or pseudo-labels."""
+    """Train the U-Net segmenter of one movie on simulated frames, annotations or pseudo-labels (self-training)."""
     input:
         unpack(segmenter_training_input),
     output:
@@ -38,6 +75,7 @@ rule train_segmenter:
 rule segment:
     """Detect particles with the U-Net: detections.parquet and the per-pixel probability map."""
     input:
+        unpack(inspect_input),
         movie=f"{RESULTS}/{{movie}}/movie.zarr",
         checkpoint=segmenter_checkpoint,
     output:
@@ -47,6 +85,7 @@ rule segment:
         movie=_movie_pattern(SEGMENT_UNET),
     params:
         settings=settings("segment"),
+        inspect=inspect_args,
         device=config["device"],
     log:
         f"{RESULTS}/logs/segment/{{movie}}.log",
@@ -61,12 +100,13 @@ rule segment:
     shell:
         "rvae-tools segment {input.movie:q} -o {output.detections:q} --checkpoint {input.checkpoint:q} "
         "--probability {output.probability:q} --device {params.device:q} --threads {threads} "
-        "--settings {params.settings:q} > {log:q} 2>&1"
+        "--settings {params.settings:q} {params.inspect} > {log:q} 2>&1"
 
 
 rule segment_locate:
-    """Detect particles with trackpy.locate (the classical baseline): detections.parquet."""
+    """Detect particles with trackpy.locate (round blobs): detections.parquet."""
     input:
+        unpack(inspect_input),
         movie=f"{RESULTS}/{{movie}}/movie.zarr",
     output:
         detections=f"{RESULTS}/{{movie}}/detections.parquet",
@@ -74,15 +114,44 @@ rule segment_locate:
         movie=_movie_pattern(SEGMENT_LOCATE),
     params:
         settings=settings("segment"),
+        inspect=inspect_args,
     log:
         f"{RESULTS}/logs/segment/{{movie}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/segment/{{movie}}.tsv"
     threads: 1
     resources:
-        mem_mb=mem_mb_from_input(1500, 2),
-        runtime=runtime_from_input(10, 1),
+        mem_mb=mem_mb_from_input(1500, 2, only=["movie"]),
+        runtime=runtime_from_input(10, 1, only=["movie"]),
     conda:
         "../envs/segment.yaml"
     shell:
-        "rvae-tools segment {input.movie:q} -o {output.detections:q} --settings {params.settings:q} > {log:q} 2>&1"
+        "rvae-tools segment {input.movie:q} -o {output.detections:q} --settings {params.settings:q}"
+        " {params.inspect} > {log:q} 2>&1"
+
+
+rule segment_classical:
+    """Detect particles of any shape with the classical detector (threshold, watershed, moments)."""
+    input:
+        unpack(inspect_input),
+        movie=f"{RESULTS}/{{movie}}/movie.zarr",
+    output:
+        detections=f"{RESULTS}/{{movie}}/detections.parquet",
+    wildcard_constraints:
+        movie=_movie_pattern(SEGMENT_CLASSICAL),
+    params:
+        settings=settings("segment"),
+        inspect=inspect_args,
+    log:
+        f"{RESULTS}/logs/segment/{{movie}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/segment/{{movie}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=mem_mb_from_input(1500, 3, only=["movie"]),
+        runtime=runtime_from_input(10, 1, only=["movie"]),
+    conda:
+        "../envs/segment.yaml"
+    shell:
+        "rvae-tools segment {input.movie:q} -o {output.detections:q} --settings {params.settings:q}"
+        " {params.inspect} > {log:q} 2>&1"

@@ -1,6 +1,7 @@
 rule track:
     """Link detections into trajectories (trackpy), estimate drift, filter stubs, MSD and diffusion."""
     input:
+        unpack(inspect_input),
         detections=f"{RESULTS}/{{movie}}/detections.parquet",
         movie=f"{RESULTS}/{{movie}}/movie.zarr",
     output:
@@ -10,6 +11,7 @@ rule track:
         msd=f"{RESULTS}/{{movie}}/msd.parquet",
     params:
         settings=settings("track"),
+        inspect=inspect_args,
     log:
         f"{RESULTS}/logs/track/{{movie}}.log",
     benchmark:
@@ -25,4 +27,4 @@ rule track:
         "rvae-tools track {input.detections:q} --movie-zarr {input.movie:q}"
         " --tracks {output.tracks:q} --drift {output.drift:q}"
         " --trajectories {output.trajectories:q} --msd {output.msd:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        " --settings {params.settings:q} {params.inspect} > {log:q} 2>&1"

@@ -1,6 +1,7 @@
 rule windows:
     """Cut a window around every tracked detection, centred sub-pixel and normalised per movie."""
     input:
+        unpack(inspect_input),
         movie=f"{RESULTS}/{{movie}}/movie.zarr",
         tracks=f"{RESULTS}/{{movie}}/tracks.parquet",
         # the segmenter's probability map, only when windows are cut from it (windows.source)
@@ -13,6 +14,7 @@ rule windows:
         directory(f"{RESULTS}/{{movie}}/patches.zarr"),
     params:
         settings=settings("windows"),
+        inspect=inspect_args,
         probability=lambda wildcards, input: (
             f"--probability {shlex.quote(str(input.probability))}" if input.probability else ""
         ),
@@ -28,4 +30,4 @@ rule windows:
         "../envs/windows.yaml"
     shell:
         "rvae-tools windows {input.movie:q} {input.tracks:q} -o {output:q} {params.probability}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        " --settings {params.settings:q} {params.inspect} > {log:q} 2>&1"
