@@ -14,7 +14,8 @@ stage followed by a rerun.
    outputs identical to the reference (every array, table, checkpoint tensor; see
    tests/_workflow.compare_results) and leave no temporary (``.NAME.tmp-*``, ``.NAME.old-*``).
 
-Usage: python bench/faults.py [--kills-per-stage 2] [--seed 0] [--stages RULE ...] [--no-kills] [--keep DIR]
+Usage: python bench/faults.py [--kills-per-stage 2] [--seed 0] [--stages RULE ...] [--reference DIR]
+                              [--no-kills] [--keep DIR]
 The last line of the output is one JSON object with the counts.
 """
 
@@ -99,7 +100,9 @@ def hostile_strings(root: Path) -> dict:
 
 
 def _snakemake(workdir: Path, configfile: Path, *args: str) -> list[str]:
-    return [*_workflow.snakemake_args(workdir, configfile, *args), "--workflow-profile", "none"]
+    # The workflow's default profile, as a user's `snakemake --cores 2` has it: it reruns the
+    # jobs a kill left incomplete (rerun-incomplete) instead of stopping.
+    return _workflow.snakemake_args(workdir, configfile, *args)
 
 
 def _leftovers(results: Path) -> list[str]:
@@ -125,20 +128,25 @@ def _wait_started(logs: Path, since: float, proc: subprocess.Popen, timeout: flo
     return False
 
 
-def kills(root: Path, per_stage: int, seed: int, only: list[str] | None = None) -> dict:
+def kills(root: Path, per_stage: int, seed: int, only: list[str] | None = None, reference: Path | None = None) -> dict:
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     # The CPU, so that reruns are bit-identical (GPU kernels need not be).
     configfile = _workflow.write_config(root / "config.yaml", {"device": "cpu"})
     env = _workflow.tool_env()
     ref = root / "reference"
-    start = time.perf_counter()
-    _workflow.run_snakemake(ref, configfile, "--cores", "2", "--workflow-profile", "none", timeout=3600)
-    print(f"  reference run: {time.perf_counter() - start:.0f} s", flush=True)
+    if reference is not None:
+        shutil.copytree(reference, ref, symlinks=True)
+        print(f"  reference run: {reference} (given)", flush=True)
+    else:
+        start = time.perf_counter()
+        _workflow.run_snakemake(ref, configfile, "--cores", "2", timeout=3600)
+        print(f"  reference run: {time.perf_counter() - start:.0f} s", flush=True)
     durations = _stage_durations(ref / "results")
     order = ["simulate", "ingest", "inspect", "train_segmenter", "segment", "track", "windows", "train", "encode",
              "dynamics", "figures"]
-    stages = sorted(durations, key=lambda s: order.index(s) if s in order else len(order))
+    # Last stages first: they are the cheapest to rerun, so a run cut short covers the most.
+    stages = sorted(durations, key=lambda s: order.index(s) if s in order else len(order), reverse=True)
     if only:
         stages = [s for s in stages if s in only]
     work = root / "work"
@@ -191,6 +199,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-kills", action="store_true", help="only bad inputs and hostile strings")
     parser.add_argument("--stages", nargs="+", metavar="RULE", help="kill only these stages (default: every stage)")
+    parser.add_argument("--reference", metavar="DIR", type=Path,
+                        help="a finished uninterrupted run of the same config (the kills folder's 'reference') to reuse")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
     args = parser.parse_args()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="rvae-faults-"))
@@ -203,7 +213,7 @@ def main() -> int:
         killed = None
         if not args.no_kills:
             print("kills:")
-            killed = kills(root / "kills", args.kills_per_stage, args.seed, args.stages)
+            killed = kills(root / "kills", args.kills_per_stage, args.seed, args.stages, args.reference)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

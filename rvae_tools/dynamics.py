@@ -626,7 +626,7 @@ class Signal:
 
 def phasor_signal(name: str, theta: np.ndarray, order: np.ndarray, species: np.ndarray, units: np.ndarray,
                   n_units: int, n_species: int, *, angle_sd: np.ndarray | None = None,
-                  chunk: int = 4096) -> Signal:
+                  flip_prob: np.ndarray | None = None, chunk: int = 4096) -> Signal:
     """Signal ``S = |<exp(i m angle)>|`` (species-wise, count-weighted) built in chunks of trajectories.
 
     Parameters
@@ -639,6 +639,9 @@ def phasor_signal(name: str, theta: np.ndarray, order: np.ndarray, species: np.n
         Species index and bootstrap unit of each trajectory.
     angle_sd : array (particle, frame), optional
         Posterior sd of each angle, rad (NaN = not known: that angle is not redrawn).
+    flip_prob : array (particle, frame), optional
+        Posterior probability that the particle points the other way (angle + pi): redrawn
+        too; it matters for odd orders only (an even order cannot tell the two ends apart).
     chunk : int
         Trajectories processed at once (memory ``chunk x frames``).
     """
@@ -664,9 +667,15 @@ def phasor_signal(name: str, theta: np.ndarray, order: np.ndarray, species: np.n
             sd = np.asarray(angle_sd[lo:hi], dtype=float)
             a = np.where(valid & np.isfinite(sd), np.exp(-0.5 * (m * np.nan_to_num(sd)) ** 2), 1.0)
             a = np.where(valid, a, 0.0)
-            shrunk += S @ (u * a)
-            variance += S @ np.where(valid, 1.0 - a ** 2, 0.0)
-            pseudo += S @ (u ** 2 * (a ** 4 - a ** 2))
+            # E exp(i m d) and E exp(2 i m d) of the redrawn offset d: Gaussian within the
+            # half-circle, and a flip by pi (probability q) turns the phasor over for odd m.
+            a1 = a
+            if flip_prob is not None:
+                q = np.clip(np.nan_to_num(np.asarray(flip_prob[lo:hi], dtype=float)), 0.0, 1.0)
+                a1 = np.where(np.mod(m, 2) == 1, a * (1.0 - 2.0 * q), a)
+            shrunk += S @ (u * a1)
+            variance += S @ np.where(valid, 1.0 - a1 ** 2, 0.0)
+            pseudo += S @ (u ** 2 * (a ** 4 - a1 ** 2))
     n_traj = int(np.isfinite(theta).any(axis=1)[np.asarray(order) > 0].sum())
 
     def cube(v):
@@ -934,12 +943,16 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
         index = np.asarray(recorded_index.values)
         if np.issubdtype(index.dtype, np.number):
             index = np.where(np.isfinite(index), index, -1).astype(int)
-            bad = has_data & ((index < 0) | (index >= len(table)))
+            # -1 marks trajectories the encode stage could not place (no finite z): without an
+            # angle they add to no species' statistic, so only those with angles must be placed.
+            has_angle = np.isfinite(np.asarray(latents["angle"].transpose("particle", "frame").values,
+                                               dtype=float)).any(axis=1)
+            bad = has_angle & ((index < 0) | (index >= len(table)))
             if bad.any():
                 raise InputError(f"latents.zarr: species index of {int(bad.sum())} trajectories with windows is "
                                  f"{', '.join(map(str, sorted(set(index[bad].tolist()))))}; expected 0..{len(table) - 1} "
                                  "(the species recorded in the attrs)")
-            return np.where(has_data, index, 0), table, "latents"
+            return np.where(bad | (index < 0) | (index >= len(table)), 0, index), table, "latents"
     cls = _particle_classes(latents, tracks) if settings["species_from"] in ("auto", "cls") else None
     if cls is None and settings["species_from"] == "cls":
         raise InputError("latents.zarr / tracks.parquet: dynamics.species_from is 'cls' but neither has a "
@@ -1036,6 +1049,7 @@ class Movie:
     particles: np.ndarray
     theta: np.ndarray  #: (particle, frame) rad; NaN where absent, for isotropic species and without angles
     angle_sd: np.ndarray | None  #: posterior sd of theta, rad (None = not recorded)
+    flip_prob: np.ndarray | None  #: posterior probability of theta + pi (None = not recorded)
     x: np.ndarray  #: (particle, frame) px, NaN where absent
     y: np.ndarray
     present: np.ndarray  #: (particle, frame) bool: a position in this frame
@@ -1093,9 +1107,11 @@ def prepare_movie(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: di
         angles = "constant"
         notes.append(f"no angles: every angle in the latents is {finite[0]:g} (a model without pose); "
                      "angle-based order parameters, rotational diffusion and the angle-based transition fit are skipped")
-    angle_sd = None
+    angle_sd = flip_prob = None
     if "angle_sd" in latents.variables and settings.get("resample_angles", True):
         angle_sd = np.where(present, grid("angle_sd"), np.nan)
+        if "flip_prob" in latents.variables:
+            flip_prob = np.where(present, grid("flip_prob"), np.nan)
 
     frame_interval = _attr_number(latents.attrs, "frame_interval")
     pixel_size = _attr_number(latents.attrs, "pixel_size")
@@ -1117,7 +1133,7 @@ def prepare_movie(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: di
         mean_y = np.nanmean(np.where(present, y, np.nan), axis=1)
     units, n_units = bootstrap_units(_tiles(mean_x, mean_y, int(settings["bootstrap_tiles"])), len(particles))
     return Movie(frames=frames, particles=particles, theta=theta, angle_sd=angle_sd, x=x, y=y, present=present,
-                 species=species, table=table, species_method=method, symmetry=symmetry, units=units,
+                 flip_prob=flip_prob, species=species, table=table, species_method=method, symmetry=symmetry, units=units,
                  n_units=n_units, angles=angles, dt=frame_interval or 1.0,
                  time_unit="s" if frame_interval else "frame", frame_interval=frame_interval,
                  pixel_size=pixel_size, pixel_unit=pixel_unit, chunk=int(settings["chunk"]), notes=notes)
@@ -1236,7 +1252,7 @@ def orientational_order(movie: Movie, settings: dict[str, Any], signals: dict[st
     Adds the signals (with the angles' posterior spread, for the bootstrap) to ``signals``.
     """
     ds = xr.Dataset(coords={"frame": movie.frames})
-    kw = {"angle_sd": movie.angle_sd, "chunk": movie.chunk}
+    kw = {"angle_sd": movie.angle_sd, "flip_prob": movie.flip_prob, "chunk": movie.chunk}
     sig = phasor_signal("S_n", movie.theta, movie.symmetry, movie.species, movie.units, movie.n_units,
                         movie.n_species, **kw)
     ds["S_n"] = ("frame", sig.series())
@@ -1543,7 +1559,7 @@ def ordering_transition(movie: Movie, signals: dict[str, Signal], settings: dict
         "transition_interval": [float(main["low"]), float(main["high"])] if main["detected"] else nan2,
         "transition_confidence": float(settings["confidence"]),
         "transition_interval_includes": ("trajectories (spatial tiles) resampled" +
-                                         (" and angles redrawn within angle_sd" if settings["resample_angles"]
+                                         (" and angles redrawn within angle_sd (and flip_prob)" if settings["resample_angles"]
                                           and movie.angle_sd is not None else "")),
         "transition_width": float(main["width"]) if main["detected"] else math.nan,
         "transition_time": float(main["frame"]) * movie.dt,

@@ -153,6 +153,13 @@ def encode_patches(
     n_obs = int(window.shape[0])
     if n_obs == 0:
         raise InputError(f"{patches_path}: patches store holds no windows")
+    particle = patches["particle"].values.astype(np.int64)
+    frame = patches["frame"].values.astype(np.int64)
+    # Before the model: bad windows are the store's fault whatever the model (reading is far
+    # cheaper than encoding, so the extra pass costs little).
+    chunks = window.encoding.get("chunks") or (DEFAULT_BLOCK,)
+    for start in range(0, n_obs, int(chunks[0])):
+        _read_windows(window, np.arange(start, min(start + int(chunks[0]), n_obs)), patches_path, particle, frame)
     if model is None:
         from .rvae import load_model
 
@@ -163,8 +170,6 @@ def encode_patches(
     )
     k = int(model.latent_dim)
 
-    particle = patches["particle"].values.astype(np.int64)
-    frame = patches["frame"].values.astype(np.int64)
     particles = np.unique(particle)
     frames = _frame_axis(frame, patches.attrs)
     pi = np.searchsorted(particles, particle)
@@ -188,7 +193,6 @@ def encode_patches(
         seed = model_config.get("seed", patches.attrs.get("seed", 0))
     calibration = _fit_calibration(model, window, patches_path, particle, frame, settings, seed,
                                    batch_size=batch_size, device=device, method=method)
-    chunks = window.encoding.get("chunks") or (DEFAULT_BLOCK,)
     block = max(int(chunks[0]), batch_size or 0)
     bar = tqdm(total=n_obs, unit="win", desc="encode", file=sys.stderr, disable=not progress,
                mininterval=1.0 if sys.stderr.isatty() else 15.0)

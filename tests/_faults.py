@@ -392,8 +392,8 @@ class _Pickled:
 
 
 def _marker_only() -> dict:
-    # The format marker of our checkpoints without the rest (rvae_tools.rvae's save format).
-    return {"format": "rvae-tools-rvae", "version": 1}
+    # The on-disk format marker of our rVAE checkpoints, without anything else.
+    return {"format": "rvae-tools/rvae-checkpoint", "format_version": 1}
 
 
 def _dynamics_cases() -> list[Case]:

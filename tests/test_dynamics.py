@@ -461,3 +461,22 @@ def test_species_recorded_by_the_encode_stage_are_used_with_their_symmetry():
     latents = latents.drop_vars("species")
     latents["cls"] = ("particle", np.repeat(["species1", "species0"], p // 2).astype(object))
     assert compute_dynamics(latents, None, settings(bootstrap=0))["symmetry"].values.tolist() == [0] * 30 + [2] * 30
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_angle_redraw_of_the_bootstrap_matches_redrawing_every_angle(order):
+    from rvae_tools.dynamics import phasor_signal
+
+    rng = np.random.default_rng(31)
+    p, f, draws = 300, 4, 4000
+    theta = rng.vonmises(0.0, 2.0, (p, f)) / order
+    sd = rng.uniform(0.05, 0.5, (p, f))
+    flip = rng.uniform(0, 0.3, (p, f))
+    sig = phasor_signal("S_n", theta, np.full(p, order), np.zeros(p, dtype=int), np.zeros(p, dtype=int), 1, 1,
+                        angle_sd=sd, flip_prob=flip, chunk=64)
+    fast = sig.resampled(np.ones((draws, 1)), rng)
+    # Brute force: every angle redrawn from its posterior (Gaussian offset, flip by pi).
+    redrawn = theta[None] + sd[None] * rng.standard_normal((draws, p, f)) + np.pi * (rng.random((draws, p, f)) < flip[None])
+    brute = np.abs(np.exp(1j * order * redrawn).mean(axis=1))
+    np.testing.assert_allclose(fast.mean(axis=0), brute.mean(axis=0), rtol=0.02)
+    np.testing.assert_allclose(fast.std(axis=0), brute.std(axis=0), rtol=0.1)

@@ -69,7 +69,7 @@ def test_latents_follow_the_contract(movie_dir, tmp_path):
     movie_dir, tracks, model_path = movie_dir
     out = tmp_path / "latents.zarr"
     encode_patches(movie_dir / "patches.zarr", model_path, out, device="cpu", batch_size=5, progress=False)
-    ds = open_zarr(out, required=["angle", "angle_sd", "dx", "dy", "dx_sd", "dy_sd", "x", "y", "z", "z_sd"])
+    ds = open_zarr(out, required=["angle", "angle_sd", "dx", "dy", "dx_sd", "dy_sd", "x", "y", "z", "z_sd"]).load()
     for name in ("angle", "angle_sd", "dx", "dy", "dx_sd", "dy_sd", "x", "y"):
         assert ds[name].dims == ("particle", "frame"), name
     assert ds.z.dims == ds.z_sd.dims == ("particle", "frame", "latent")

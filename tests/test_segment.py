@@ -362,3 +362,43 @@ def test_classical_detector_with_inspected_settings_finds_rods_and_their_axes(da
     same = truth["frame"].to_numpy()[t] == det["frame"].to_numpy()[p]
     delta = truth["angle"].to_numpy()[t][same] - det["orientation"].to_numpy()[p][same]
     assert abs(np.mean(np.exp(2j * delta))) >= 0.95  # axes agree modulo pi
+
+
+def test_streamed_detections_equal_the_in_memory_table(tmp_path):
+    from rvae_tools.io import read_table, table_metadata
+    from rvae_tools.segment.postprocess import empty_detections
+    from rvae_tools.segment.store import DetectionStore
+
+    images, _, _ = _held_out()
+    settings = validate_section("segment", {"method": "classical", "invert": False,
+                                            "classical": {"min_distance": 2.5, "min_area": 6, "max_area": None,
+                                                          "background": None, "block": None}})
+    whole, _ = segment_movie(images, settings)
+    with DetectionStore(tmp_path / "d.parquet", DETECTION_COLUMNS, empty_detections(), chunk_rows=5) as store:
+        rest, _ = segment_movie(images, settings, detections_sink=store)
+        store.finish({"method": "classical"})
+    assert len(rest) == 0 and store.rows == len(whole) > 10
+    streamed = read_table(tmp_path / "d.parquet", required=DETECTION_COLUMNS)
+    pd.testing.assert_frame_equal(streamed, whole[streamed.columns.tolist()], check_dtype=True)
+    assert table_metadata(tmp_path / "d.parquet")["method"] == "classical"
+    with DetectionStore(tmp_path / "e.parquet", DETECTION_COLUMNS, empty_detections()) as store:
+        pass  # a movie without any detection still gives a table with the contract's columns
+    assert list(read_table(tmp_path / "e.parquet").columns) == DETECTION_COLUMNS
+
+
+def test_self_training_on_classical_regions_of_a_dark_movie():
+    """A user movie without a simulator: the U-Net learns the classical detector's particles."""
+    from rvae_tools.inspect import inspect_frames, resolve_settings
+
+    syn = validate_section("segment", {"synthetic": dict(TINY_SYNTHETIC, shape=[96, 96])})["synthetic"]
+    images, _, truth = render_frames(syn, 6, 21)
+    movie = 1.0 - images  # dark particles: nothing like the simulator's bright ones
+    inspection, _ = inspect_frames({i: movie[i] for i in range(len(movie))})
+    settings, _ = resolve_settings("segment", validate_section("segment", {
+        "method": "unet", "seed": 4, "model": {"depth": 2, "width": 6},
+        "train": {"frames": 6, "steps": 150, "batch_size": 6, "crop": 32, "lr": 0.01}}), inspection)
+    assert settings["train"]["source"] == "pseudo" and settings["invert"] is True
+    model, config, _ = train_segmenter(settings, movie=movie, device=torch.device("cpu"), progress=False)
+    assert config["source"] == "pseudo" and config["normalisation"]["invert"] is True
+    det, _ = segment_movie(movie, settings, model=model, model_config=config)
+    assert detection_scores(det, truth, 3.0)["f1"] >= 0.85

@@ -14,8 +14,8 @@ from ..config import add_settings_arguments, settings_from_args
 from ..errors import InputError
 from .detect import segment_movie
 from .fit import train_segmenter
-from .postprocess import DETECTION_COLUMNS
-from .store import ProbabilityStore
+from .postprocess import DETECTION_COLUMNS, empty_detections
+from .store import DetectionStore, ProbabilityStore
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def configure_segment(parser: argparse.ArgumentParser) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from ..io import open_zarr, write_table
+    from ..io import open_zarr
     from ..provenance import provenance_attrs
 
     settings = settings_from_args(args, "segment")
@@ -112,20 +112,20 @@ def run_segment(args: argparse.Namespace) -> int:
     frames = image.data  # dask or numpy; indexed one frame at a time
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
+        # Both outputs are written a chunk of frames at a time: memory stays flat with the movie.
         sink = None
         if args.probability:
-            # The map is appended a chunk of frames at a time: memory stays flat with the movie's length.
             units = {k: ds.attrs[k] for k in ("pixel_size", "pixel_unit", "frame_interval") if k in ds.attrs}
             sink = stack.enter_context(ProbabilityStore(args.probability, dict(units, **prov)))
-        detections, _ = segment_movie(frames, settings, model=model, model_config=config, device=device,
-                                      probability_sink=sink, progress=True)
-    seconds = time.perf_counter() - start
-    meta = dict(prov, method=settings["method"], frames=int(n), seconds=seconds,
-                class_names=(config or {}).get("class_names", ["particle"]))
-    write_table(detections[DETECTION_COLUMNS + [c for c in detections.columns if c not in DETECTION_COLUMNS]],
-                args.output, metadata=meta)
+        table = stack.enter_context(DetectionStore(args.output, DETECTION_COLUMNS, empty_detections()))
+        segment_movie(frames, settings, model=model, model_config=config, device=device,
+                      probability_sink=sink, detections_sink=table, progress=True)
+        seconds = time.perf_counter() - start
+        table.finish(dict(prov, method=settings["method"], frames=int(n), seconds=seconds,
+                          class_names=(config or {}).get("class_names", ["particle"])))
+    count = table.rows
     log.info("%d detections in %d frames (%.1f per frame) in %.1f s (%.1f frames/s) with %s",
-             len(detections), n, len(detections) / max(n, 1), seconds, n / max(seconds, 1e-9), settings["method"])
+             count, n, count / max(n, 1), seconds, n / max(seconds, 1e-9), settings["method"])
     return 0
 
 

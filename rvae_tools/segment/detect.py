@@ -33,6 +33,7 @@ def segment_movie(
     device=None,
     keep_probability: bool = False,
     probability_sink: Callable[[int, np.ndarray], None] | None = None,
+    detections_sink: Callable[[pd.DataFrame], None] | None = None,
     progress: bool = False,
 ) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Detect particles in every frame.
@@ -55,6 +56,10 @@ def segment_movie(
         Called with each frame's foreground probability (y, x) float32 as soon as it is
         computed, so a caller can write the map frame by frame and memory stays flat with
         the movie's length (``unet`` only).
+    detections_sink : callable(detections), optional
+        Called with each frame's detections (a non-empty table) instead of collecting them,
+        so memory does not grow with the number of detections; the returned table is then
+        empty (:class:`rvae_tools.segment.store.DetectionStore` writes them to Parquet).
     progress : bool
         Progress bar on stderr.
 
@@ -94,7 +99,7 @@ def segment_movie(
                 found = found[(found.x >= e) & (found.x <= w - 1 - e) & (found.y >= e) & (found.y <= h - 1 - e)]
             if len(found) == 0:
                 _frame_warning(i, "no particles found")
-            tables.append(found)
+            _keep(tables, found, detections_sink)
     else:
         from ..device import select_device
         from .infer import predict_frames
@@ -131,9 +136,19 @@ def segment_movie(
                 found["area"] = found["area"] / core**2
             if len(found) == 0:
                 _frame_warning(i, "no particles found")
-            tables.append(found)
+            _keep(tables, found, detections_sink)
+    if detections_sink is not None:
+        return empty_detections(), prob_out
     tables = [t for t in tables if len(t)]
     detections = pd.concat(tables, ignore_index=True) if tables else empty_detections()
     detections["frame"] = detections["frame"].astype("int64")
     detections["cls"] = detections["cls"].astype("int64")
     return detections, prob_out
+
+
+def _keep(tables: list[pd.DataFrame], found: pd.DataFrame, sink: Callable[[pd.DataFrame], None] | None) -> None:
+    """Hand a frame's detections to the sink (streaming) or keep them for the returned table."""
+    if sink is None:
+        tables.append(found)
+    elif len(found):
+        sink(found)

@@ -1,14 +1,17 @@
-"""Write the segmenter's probability map to Zarr a chunk of frames at a time."""
+"""Write the segmenter's outputs a chunk of frames at a time: the probability map (Zarr) and
+the detections (Parquet row groups), so memory stays flat with the movie's length."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 import zarr
 
@@ -88,4 +91,86 @@ class ProbabilityStore:
                     warnings.simplefilter("ignore", category=UserWarning)
                     zarr.consolidate_metadata(str(self._tmp))
             return bool(self._stack.__exit__(None, None, None))
+        return bool(self._stack.__exit__(exc_type, exc, tb))
+
+
+class DetectionStore:
+    """A detections table written to Parquet a row group at a time.
+
+    Tables handed to the store (one per frame) are buffered until ``chunk_rows`` rows, then
+    written as one row group; columns are put in the contract's order (``columns`` first, the
+    rest as they come) and ``frame``/``cls`` stored as int64. ``metadata`` given to
+    :meth:`finish` goes into the file footer under ``rvae_tools`` (as
+    :func:`rvae_tools.io.write_table` does; the Arrow schema is not stored, so readers see that
+    footer metadata as the schema's). Written at a temporary path and renamed into
+    place on a clean exit; an error leaves no table.
+    """
+
+    def __init__(self, path: str | os.PathLike, columns: list[str], empty: pd.DataFrame, chunk_rows: int = 65536):
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.empty = empty
+        self.chunk_rows = max(int(chunk_rows), 1)
+        self.rows = 0
+        self._buffer: list[pd.DataFrame] = []
+        self._buffered = 0
+        self._writer = None
+        self._schema = None
+        self._metadata: dict[str, Any] = {}
+        self._stack = contextlib.ExitStack()
+        self._tmp: Path | None = None
+
+    def __enter__(self):
+        self._tmp = self._stack.enter_context(atomic_output(self.path))
+        return self
+
+    def __call__(self, table: pd.DataFrame) -> None:
+        self._buffer.append(table)
+        self._buffered += len(table)
+        if self._buffered >= self.chunk_rows:
+            self._flush()
+
+    def _ordered(self, df: pd.DataFrame) -> pd.DataFrame:
+        df = df[self.columns + [c for c in df.columns if c not in self.columns]].reset_index(drop=True)
+        for col in ("frame", "cls"):
+            df[col] = df[col].astype("int64")
+        return df
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._buffer:
+            return
+        df = self._ordered(pd.concat(self._buffer, ignore_index=True))
+        if self._writer is None:
+            self._schema = pa.Schema.from_pandas(df, preserve_index=False)
+            self._writer = pq.ParquetWriter(self._tmp, self._schema, store_schema=False)
+        self._writer.write_table(pa.Table.from_pandas(df, schema=self._schema, preserve_index=False))
+        self.rows += len(df)
+        self._buffer, self._buffered = [], 0
+
+    def finish(self, metadata: dict[str, Any]) -> None:
+        """Metadata for the footer (call before the block ends)."""
+        self._metadata = dict(metadata)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            import pyarrow.parquet as pq
+
+            self._flush()
+            if self._writer is None:  # no detections at all: an empty table with the contract's columns
+                import pyarrow as pa
+
+                df = self._ordered(self.empty)
+                self._schema = pa.Schema.from_pandas(df, preserve_index=False)
+                self._writer = pq.ParquetWriter(self._tmp, self._schema, store_schema=False)
+                self._writer.write_table(pa.Table.from_pandas(df, schema=self._schema, preserve_index=False))
+            if self._metadata:
+                self._writer.add_key_value_metadata(
+                    {"rvae_tools": json.dumps(self._metadata, sort_keys=True, default=str)})
+            self._writer.close()
+            return bool(self._stack.__exit__(None, None, None))
+        if self._writer is not None:
+            self._writer.close()
         return bool(self._stack.__exit__(exc_type, exc, tb))

@@ -171,7 +171,8 @@ def inspect_args(wildcards):
     """--inspect for a user movie's stages (quoted), nothing for a simulated movie."""
     if wildcards.movie in SIMULATED:
         return ""
-    return "--inspect " + shlex.quote(f"{RESULTS}/{wildcards.movie}/inspect.json")
+    path = f"{RESULTS}/{wildcards.movie}/inspect.json"
+    return f"--inspect {shlex.quote(path)}"
 
 
 def inspect_settings(wildcards):
