@@ -40,6 +40,7 @@ include: "workflow/rules/windows.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/encode.smk"
 include: "workflow/rules/dynamics.smk"
+include: "workflow/rules/explore.smk"
 
 
 # Every contract file of every movie and model (see final_outputs in common.smk).

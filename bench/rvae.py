@@ -155,7 +155,7 @@ def run_ours(data, train_idx, args) -> dict:
     from rvae_tools.rvae import RVAE
 
     x = data["windows"]
-    model = RVAE(x.shape[1], latent_dim=args.latent, seed=args.seed)
+    model = RVAE(x.shape[1], latent_dim=args.latent, seed=args.seed, max_windows=None)  # the peers train on all
     t0 = time.perf_counter()
     hist = model.fit(x, epochs=args.epochs, batch_size=args.batch_size, device="cpu", progress=False)
     train_s = time.perf_counter() - t0

@@ -28,11 +28,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("rvae_tools.segment", "detect particles in every frame -> detections.parquet"),
     "track": ("rvae_tools.track", "link detections into trajectories -> tracks.parquet"),
     "windows": ("rvae_tools.windows", "cut a window around every tracked detection -> patches.zarr"),
+    "checkpoint-folder": ("rvae_tools.train", "create the rVAE trainer's checkpoint folder (a workflow output)"),
     "train": ("rvae_tools.train", "train the rotationally invariant VAE on windows"),
     "encode": ("rvae_tools.encode", "encode every window -> per-trajectory latents.zarr"),
     "classify": ("rvae_tools.classify", "class of every window from a model with classes -> classes.parquet"),
     "dynamics": ("rvae_tools.dynamics", "ensemble dynamics, order parameters, ordering transition -> dynamics.zarr"),
     "figures": ("rvae_tools.figures", "draw the figures of one movie"),
+    "explorer": ("rvae_tools.explorer", "interactive latent explorer of one movie -> explorer.html"),
+    "export-napari": ("rvae_tools.napari_export", "write a movie's detections, tracks and orientations as napari layers (CSV)"),
     "provenance": ("rvae_tools.provenance_cli", "print the provenance attributes of a store"),
 }
 

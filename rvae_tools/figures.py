@@ -129,6 +129,8 @@ def draw_all(movie_dir: str | Path, figures_dir: str | Path | None = None, *, fo
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("movie_dir", help="results/{movie}: the folder holding the stage outputs")
     parser.add_argument("-o", "--output", help="folder for the figures (default: MOVIE_DIR/figures)")
+    parser.add_argument("--model", metavar="MODEL.pt",
+                        help="the model the movie was encoded with (needed for the rVAE figures)")
     parser.add_argument("--write-captions", metavar="DIR",
                         help="also write <stem>.rst report captions for every known figure into DIR (existing kept)")
     add_settings_arguments(parser, "figures")
@@ -143,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.movie_dir}: movie results folder not found")
     written = draw_all(args.movie_dir, args.output, formats=settings["formats"], dpi=int(settings["dpi"]),
                        options={"trajectories": settings["trajectories"], "max_points": settings["max_points"],
-                                "seed": settings["seed"]})
+                                "seed": settings["seed"], "model_path": args.model})
     if not written:
         raise InputError(f"{args.movie_dir}: no stage output found to draw figures from "
                          f"(expected e.g. latents.zarr and dynamics.zarr)")

@@ -1,8 +1,17 @@
 """``rvae-tools train``: train the rotationally invariant VAE (or a baseline) on windows.
 
 Writes the model checkpoint, ``history.csv`` next to it and per-epoch checkpoints in the
-folder ``<model stem>.checkpoints`` beside it; running the same command again after an
-interruption resumes from the newest checkpoint.
+folder ``<model stem>.checkpoints/<fingerprint>/`` beside it; running the same command again
+after an interruption resumes from the newest checkpoint, but only when the fingerprint (the
+windows' values, every training setting, the versions) is the same: any change trains afresh
+and the log says what changed (see :mod:`rvae_tools.rvae.trainer`).
+
+``rvae-tools checkpoint-folder DIR`` creates an empty checkpoint folder. The workflow makes the
+folder the output of its own rule (``train_checkpoints``) and an input of ``train``, because
+Snakemake deletes a job's outputs before it runs it: as an output of ``train`` the epoch
+checkpoints would be gone exactly when a killed training is rerun. As an output of its own
+rule, ``--delete-all-output`` and ``--forcerun train_checkpoints`` (or ``--forceall``) remove it
+and so start a fresh training.
 """
 
 from __future__ import annotations
@@ -30,13 +39,14 @@ def history_path_for(model_path: str | Path) -> Path:
 
 def train(patches: list[str | Path], output: str | Path, settings: dict, *, device: str = "auto",
           progress: bool = True, resume: bool = True, labels: str | Path | None = None,
-          movies: list[str] | None = None):
+          movies: list[str] | None = None, checkpoints: str | Path | None = None):
     """Train on the windows of ``patches`` (patches.zarr stores) and save the model at ``output``.
 
     ``labels`` (a CSV/Parquet labels file, see :mod:`rvae_tools.labels`) trains the class models
     (``rvae.model`` ssrvae, ssvae); ``movies`` names the stores in the labels'
-    movie column (default: each store's folder name). Returns the trained model; its
-    ``checksum`` is the SHA-256 of ``output``.
+    movie column (default: each store's folder name); ``checkpoints``: the per-epoch checkpoint
+    folder (default :func:`checkpoint_dir_for`). Returns the trained model; its ``checksum`` is
+    the SHA-256 of ``output``.
     """
     from .rvae import build_model
     from .rvae.data import WindowSource
@@ -64,7 +74,8 @@ def train(patches: list[str | Path], output: str | Path, settings: dict, *, devi
         model.class_names = names
     output = Path(output)
     extra = {"labels": fit_labels} if settings["model"] in CLASS_MODELS else {}
-    model.fit(source, checkpoint_dir=checkpoint_dir_for(output), resume=resume, device=device,
+    folder = Path(checkpoints) if checkpoints is not None else checkpoint_dir_for(output)
+    model.fit(source, checkpoint_dir=folder, resume=resume, device=device,
               progress=progress, history_path=history_path_for(output), **extra)
     model.save(output)
     log.info("wrote %s (sha256 %s)", output, model.checksum)
@@ -75,6 +86,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("patches", nargs="+", help="patches.zarr store(s) of the windows stage (one model over all)")
     parser.add_argument("-o", "--output", required=True, metavar="MODEL.pt", help="model checkpoint to write")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, cuda:N, mps or cpu")
+    parser.add_argument("--checkpoints", metavar="DIR",
+                        help="per-epoch checkpoint folder (default: <model stem>.checkpoints beside the model)")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even when checkpoints exist")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--labels", default=None, metavar="LABELS",
@@ -89,8 +102,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, "rvae")
     train(args.patches, args.output, settings, device=args.device, progress=not args.no_progress,
-          resume=not args.no_resume, labels=args.labels, movies=args.labels_movie)
+          resume=not args.no_resume, labels=args.labels, movies=args.labels_movie,
+          checkpoints=args.checkpoints)
     return 0
 
 
-COMMANDS = {"train": (configure, run)}
+_FOLDER_NOTE = """Per-epoch training checkpoints of the model beside this folder, one sub-folder per
+training fingerprint (fingerprint.json inside says what it covers). rvae-tools train resumes
+from them only when the fingerprint matches. Delete this folder to train from scratch.
+"""
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """Create the (empty) checkpoint folder ``path`` with a note on what it holds."""
+    from .io import atomic_output
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is not a folder; expected a checkpoint folder")
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path / "README.txt") as tmp:
+        Path(tmp).write_text(_FOLDER_NOTE)
+    log.info("checkpoint folder %s ready", path)
+    return path
+
+
+def configure_folder(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="the checkpoint folder to create, e.g. results/models/rvae/pooled/model.checkpoints")
+
+
+def run_folder(args: argparse.Namespace) -> int:
+    checkpoint_folder(args.folder)
+    return 0
+
+
+COMMANDS = {"train": (configure, run), "checkpoint-folder": (configure_folder, run_folder)}

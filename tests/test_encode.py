@@ -199,13 +199,15 @@ def test_figures(movie_dir, tmp_path):
 
     movie_dir, _, model_path = movie_dir
     encode_patches(movie_dir / "patches.zarr", model_path, movie_dir / "latents.zarr", progress=False)
-    assert plots.default_model_path(movie_dir) == model_path  # no pooled model: the movie's own
-    written = plots.draw(movie_dir, tmp_path / "figures", formats=("png", "svg"), dpi=60)
+    # The model is given, never guessed: a stray pooled model beside the results is not read.
+    with pytest.raises(InputError, match="no rVAE model given"):
+        plots.draw(movie_dir, tmp_path / "f0", formats=("png",), dpi=60)
+    written = plots.draw(movie_dir, tmp_path / "figures", formats=("png", "svg"), dpi=60, model_path=model_path)
     assert sorted(p.name for p in written) == sorted(f"{s}.{e}" for s in plots.FIGURES for e in ("png", "svg"))
     assert all(p.stat().st_size > 1000 for p in written)
     svg = (tmp_path / "figures" / "rvae_latent_histograms.svg").read_text()
     assert "(px)" in svg and "(deg)" in svg
-    with pytest.raises(InputError, match="model not found"):
+    with pytest.raises(InputError, match="checkpoint not found"):
         plots.draw(movie_dir, tmp_path / "f2", model_path=tmp_path / "none.pt")
 
 

@@ -108,8 +108,9 @@ def test_parquet_table(run):
 def test_checkpoint(run):
     results, config = run
     # Trained models (the rVAE, the segmenter); the trainer's per-epoch resume states under
-    # <model>.checkpoints/ are working files, not results.
-    checkpoints = sorted(p for p in results.rglob("*.pt") if not p.parent.name.endswith(".checkpoints"))
+    # <model>.checkpoints/<fingerprint>/ are working files, not results.
+    checkpoints = sorted(p for p in results.rglob("*.pt")
+                         if not any(part.endswith(".checkpoints") for part in p.relative_to(results).parts))
     if not checkpoints:
         pytest.skip("no network-training rule (train) in the workflow yet")
     for ckpt in checkpoints:

@@ -281,7 +281,7 @@ def test_interrupted_then_resumed_training_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(h_res) == len(h_full) == 4
     assert np.allclose(h_res["train_loss"], h_full["train_loss"])
-    assert sorted(p.name for p in (tmp_path / "b").glob("epoch-*.pt")) == ["epoch-0002.pt", "epoch-0003.pt", "epoch-0004.pt"]
+    assert sorted(p.name for p in (tmp_path / "b").glob("*/epoch-*.pt")) == ["epoch-0002.pt", "epoch-0003.pt", "epoch-0004.pt"]
     # Training is deterministic on the CPU for a seed, and a different seed differs.
     again = _tiny()
     again.fit(x, device="cpu", progress=False)
@@ -291,13 +291,17 @@ def test_interrupted_then_resumed_training_equals_uninterrupted(tmp_path):
     assert not torch.equal(a["decoder.out.weight"], other.net.state_dict()["decoder.out.weight"])
 
 
-def test_resume_refuses_checkpoints_of_another_model(tmp_path):
+def test_checkpoints_of_another_model_or_windows_start_afresh(tmp_path, caplog):
     x, _, _ = l_windows(48, seed=4, size=16)
     _tiny(epochs=1).fit(x, checkpoint_dir=tmp_path, device="cpu", progress=False)
-    with pytest.raises(InputError, match="latent_dim 2"):
-        RVAE(16, latent_dim=3, seed=3, **{**TINY, "epochs": 2}).fit(x, checkpoint_dir=tmp_path, device="cpu", progress=False)
-    with pytest.raises(InputError, match="other windows"):
-        _tiny(epochs=2).fit(x[:40], checkpoint_dir=tmp_path, device="cpu", progress=False)
+    caplog.set_level("INFO", logger="rvae_tools.rvae.trainer")
+    changed = RVAE(16, latent_dim=3, seed=3, **{**TINY, "epochs": 1, "lr_schedule": "plateau"})
+    changed.fit(x, checkpoint_dir=tmp_path, device="cpu", progress=False)
+    assert "changed: settings.latent_dim" in caplog.text and "resuming" not in caplog.text
+    assert len(list(tmp_path.glob("*/epoch-*.pt"))) == 1  # the other model's folder is gone
+    caplog.clear()
+    _tiny(epochs=1).fit(x[:40], checkpoint_dir=tmp_path, device="cpu", progress=False)
+    assert "windows.checksum" in caplog.text and "resuming" not in caplog.text
 
 
 def test_history_and_early_stopping(tmp_path):
@@ -346,7 +350,15 @@ def test_baselines_fit_and_encode(tmp_path):
     vae = PlainVAE(16, latent_dim=2, **{**TINY, "epochs": 1})
     vae.fit(x, device="cpu", progress=False)
     out = vae.encode(x)
-    assert np.all(out["angle"] == 0) and np.all(out["dx"] == 0) and out["z"].shape == (64, 2)
+    # No pose is inferred: "no angle" (NaN), never angle 0 (which reads as perfect alignment).
+    for name in ("angle", "angle_sd", "rotation_prob", "dx", "dy", "dx_sd", "dy_sd"):
+        assert np.isnan(out[name]).all(), name
+    assert out["z"].shape == (64, 2) and np.isfinite(out["z"]).all()
+    vae.save(tmp_path / "vae.pt")
+    loaded = load_model(tmp_path / "vae.pt")
+    assert isinstance(loaded, PlainVAE) and np.isnan(loaded.encode(x)["angle"]).all()
+    assert np.allclose(loaded.encode(x)["z"], out["z"], atol=1e-6)
+    assert np.isfinite(loaded.reconstruct(x)).all()
     gmm = WindowGMM(16, components=2)
     gmm.fit(x)
     enc = gmm.encode(x)
@@ -399,7 +411,7 @@ def test_train_cli_writes_model_history_and_resumes(tmp_path, capsys):
             "-o", str(out), "--settings", settings, "--device", "cpu", "--no-progress"]
     assert main(args) == 0
     assert out.exists() and (out.parent / "history.csv").exists()
-    assert len(list((out.parent / "model.checkpoints").glob("epoch-*.pt"))) == 2
+    assert len(list((out.parent / "model.checkpoints").glob("*/epoch-*.pt"))) == 2
     model = load_model(out)
     assert model.window_size == (16, 16) and model.normalisation["n_windows"] == 64
     first = out.read_bytes()

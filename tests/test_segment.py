@@ -384,3 +384,21 @@ def test_streamed_detections_equal_the_in_memory_table(tmp_path):
     with DetectionStore(tmp_path / "e.parquet", DETECTION_COLUMNS, empty_detections()) as store:
         pass  # a movie without any detection still gives a table with the contract's columns
     assert list(read_table(tmp_path / "e.parquet").columns) == DETECTION_COLUMNS
+
+
+def test_self_training_on_classical_regions_of_a_dark_movie():
+    """A user movie without a simulator: the U-Net learns the classical detector's particles."""
+    from rvae_tools.inspect import inspect_frames, resolve_settings
+
+    syn = validate_section("segment", {"synthetic": dict(TINY_SYNTHETIC, shape=[96, 96])})["synthetic"]
+    images, _, truth = render_frames(syn, 6, 21)
+    movie = 1.0 - images  # dark particles: nothing like the simulator's bright ones
+    inspection, _ = inspect_frames({i: movie[i] for i in range(len(movie))})
+    settings, _ = resolve_settings("segment", validate_section("segment", {
+        "method": "unet", "seed": 4, "model": {"depth": 2, "width": 6},
+        "train": {"frames": 6, "steps": 150, "batch_size": 6, "crop": 32, "lr": 0.01}}), inspection)
+    assert settings["train"]["source"] == "pseudo" and settings["invert"] is True
+    model, config, _ = train_segmenter(settings, movie=movie, device=torch.device("cpu"), progress=False)
+    assert config["source"] == "pseudo" and config["normalisation"]["invert"] is True
+    det, _ = segment_movie(movie, settings, model=model, model_config=config)
+    assert detection_scores(det, truth, 3.0)["f1"] >= 0.85

@@ -1,8 +1,8 @@
 """Figures of the rVAE stage: latent manifold, reconstructions, and angle/shift histograms.
 
 Reads ``results/{movie}/patches.zarr``, ``results/{movie}/latents.zarr`` and the trained model
-(the pooled model ``results/models/rvae/pooled/model.pt`` when it exists, else the movie's own
-``results/models/rvae/{movie}/model.pt``).
+the movie was encoded with, given explicitly (``rvae-tools figures --model``; the workflow
+declares it as an input of the ``figures`` rule), never guessed from the folder layout.
 """
 
 from __future__ import annotations
@@ -35,14 +35,6 @@ FIGURES = {
 
 GRID = 9
 N_RECON = 8
-
-
-def default_model_path(movie_dir: str | os.PathLike) -> Path:
-    """The pooled model when present, else the movie's own model."""
-    movie_dir = Path(movie_dir)
-    models = movie_dir.parent / "models" / "rvae"
-    pooled = models / "pooled" / "model.pt"
-    return pooled if pooled.exists() else models / movie_dir.name / "model.pt"
 
 
 def _mosaic(images: np.ndarray) -> np.ndarray:
@@ -185,18 +177,17 @@ def draw(
         ``results/{movie}`` holding ``patches.zarr`` and ``latents.zarr``.
     figures_dir : path
         Where the figures go (``results/{movie}/figures``).
-    model_path : path, optional
-        The rVAE checkpoint (default: :func:`default_model_path`).
+    model_path : path
+        The model the movie's latents were encoded with (required for these figures).
     """
-    from ..rvae import RVAE
+    from ..rvae import load_model
 
     movie_dir = Path(movie_dir)
     patches = open_zarr(movie_dir / "patches.zarr", required=["window", "particle", "frame"], what="patches store")
     latents = open_zarr(movie_dir / "latents.zarr", required=["angle", "dx", "dy", "z"], what="latents store")
-    model_path = Path(model_path) if model_path is not None else default_model_path(movie_dir)
-    if not model_path.exists():
-        raise InputError(f"{model_path}: rVAE model not found (needed to decode the latent manifold)")
-    model = RVAE.load(model_path)
+    if model_path is None:
+        raise InputError(f"{movie_dir}: no rVAE model given for the latent-manifold figures; pass --model MODEL.pt")
+    model = load_model(model_path)
     paths: list[Path] = []
     paths += _manifold(model, latents, figures_dir, formats, dpi)
     paths += _reconstructions(model, patches, figures_dir, formats, dpi)

@@ -1,9 +1,10 @@
 """Rotationally invariant VAE (rVAE) for particle windows.
 
 Modules: :mod:`.networks` (encoders and coordinate decoders), :mod:`.losses` (KL terms and
-likelihoods), :mod:`.model` (:class:`RVAE`), :mod:`.trainer` (the training loop),
-:mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE, Gaussian mixture),
-:mod:`.semisupervised` (class latents: ssrvae, conditional, ssvae).
+likelihoods), :mod:`.model` (:class:`RVAE`), :mod:`.trainer` (the training loop, for any model
+with the documented methods), :mod:`.checkpoint` (reading and checking checkpoints, the resume
+fingerprint), :mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE,
+Gaussian mixture), :mod:`.semisupervised` (class latents: ssrvae, conditional, ssvae).
 """
 
 from .model import RVAE, wrap_angle
@@ -15,29 +16,31 @@ def build_model(settings: dict, window_size):
     """The model the ``rvae.model`` setting selects: RVAE, a class model, the plain VAE or the Gaussian mixture."""
     from .semisupervised import CLASS_MODELS, ClassRVAE
 
-    if settings.get("model", "rvae") in CLASS_MODELS:
+    kind = settings.get("model", "rvae")
+    if kind in CLASS_MODELS:
         return ClassRVAE.from_settings(settings, window_size)
-    if settings.get("model", "rvae") == "gmm":
+    if kind == "gmm":
         from .baselines import WindowGMM
 
         return WindowGMM.from_settings(settings, window_size)
+    if kind == "vae":
+        from .baselines import PlainVAE
+
+        return PlainVAE.from_settings(settings, window_size)
     return RVAE.from_settings(settings, window_size)
 
 
 def load_model(path, **expect):
     """Load any model that :func:`build_model` can make (dispatches on the checkpoint's kind)."""
-    from pathlib import Path
-
-    from ..errors import InputError
-    from .baselines import WindowGMM
-    from .model import read_checkpoint
+    from .baselines import PlainVAE, WindowGMM
+    from .checkpoint import read_checkpoint
     from .semisupervised import CLASS_MODELS, ClassRVAE
 
-    if not Path(path).exists():
-        raise InputError(f"{path}: model checkpoint not found")
-    kind = read_checkpoint(Path(path)).get("kind")
+    kind = read_checkpoint(path)["kind"]
     if kind == "gmm":
         return WindowGMM.load(path, **expect)
+    if kind == "vae":
+        return PlainVAE.load(path, **expect)
     if kind in CLASS_MODELS:
         return ClassRVAE.load(path, **expect)
     return RVAE.load(path, **expect)

@@ -2,9 +2,10 @@
 
 Both have the RVAE interface (fit / encode / decode / reconstruct / save / load), so the
 workflow can swap them in with ``rvae.model: vae`` or ``rvae.model: gmm``. Neither infers a
-pose: the plain VAE reports angle and shifts as 0 and must spend its latents on orientation,
-the mixture reports them as NaN; comparing their ``z`` against the rVAE's shows why rotation
-invariance matters.
+pose, so both report angle, shifts and their spreads as NaN ("no angle", not angle 0, which
+downstream order parameters would read as perfect alignment); the plain VAE must spend its
+latents on orientation. Comparing their ``z`` against the rVAE's shows why rotation invariance
+matters.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import pandas as pd
 import torch
 
 from ..errors import InputError
+from .checkpoint import FORMAT, FORMAT_VERSION, check_compatible, read_checkpoint
 from .data import WindowSource
-from .model import FORMAT, FORMAT_VERSION, RVAE, check_compatible, read_checkpoint
+from .model import RVAE
+
+#: encode() outputs that describe a pose; NaN for models that infer none.
+POSE_OUTPUTS = ("angle", "angle_sd", "rotation_prob", "dx", "dy", "dx_sd", "dy_sd")
 
 
 class PlainVAE(RVAE):
@@ -28,6 +33,20 @@ class PlainVAE(RVAE):
     def __init__(self, window_size=32, latent_dim=None, encoder=None, rotations=None, **settings):
         settings["model"] = "vae"
         super().__init__(window_size, latent_dim, encoder, rotations, **settings)
+
+    def encode(self, windows, batch_size: int | None = None, device="auto") -> dict[str, np.ndarray]:
+        """As :meth:`RVAE.encode`, with every pose output NaN: this model infers no pose."""
+        out = super().encode(windows, batch_size=batch_size, device=device)
+        for name in POSE_OUTPUTS:
+            if name in out:
+                out[name] = np.full_like(out[name], np.nan)
+        return out
+
+    def reconstruct(self, windows, batch_size: int | None = None, device="auto") -> np.ndarray:
+        """Each window decoded from its content latents (the decoder's own frame: no pose)."""
+        enc = super().encode(windows, batch_size=batch_size, device=device)
+        images = self.decode(enc["z"], enc["angle"], enc["dx"], enc["dy"])
+        return images + enc["background"][:, None, None]
 
 
 class WindowGMM:

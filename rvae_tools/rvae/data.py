@@ -29,6 +29,7 @@ class WindowSource:
     def __init__(self, windows, memory_mb: float = 2048.0):
         self.paths: list[Path] = []
         self._arrays: list = []
+        self._stores: list = []
         self.names: list[str] = []
         if isinstance(windows, (str, os.PathLike)):
             windows = [windows]
@@ -39,8 +40,9 @@ class WindowSource:
             self.names = ["windows"]
         elif isinstance(windows, Sequence) and windows and all(isinstance(w, (str, os.PathLike)) for w in windows):
             for path in windows:
-                arr = _open_window_array(Path(path))
+                arr, attrs = _open_window_array(Path(path))
                 self._check_shape(arr.shape, str(path))
+                self._stores.append(attrs)
                 self.paths.append(Path(path))
                 self._arrays.append(arr)
                 self.names.append(str(path))
@@ -98,10 +100,38 @@ class WindowSource:
                 out[sel] = block[local - lo]
         return out
 
-    def check_content(self) -> dict[str, float]:
-        """Statistics of the windows; raise when they carry no signal (all NaN or all constant)."""
+    def store_settings(self) -> list:
+        """The settings each patches.zarr store was cut with (its provenance ``config``), in order."""
+        return [attrs.get("config") for attrs in self._stores]
+
+    def frames(self) -> np.ndarray | None:
+        """Frame number of every window (global order), or None when the windows carry none."""
+        if not self.paths:
+            return None
+        import zarr
+
+        parts = []
+        for path in self.paths:
+            group = zarr.open_group(str(path), mode="r")
+            if "frame" not in group:
+                return None
+            parts.append(np.asarray(group["frame"][:], dtype=np.int64))
+        return np.concatenate(parts)
+
+    def check_content(self, index: np.ndarray | None = None, digest: bool = False) -> dict:
+        """Statistics of the windows; raise when they carry no signal (all NaN or all constant).
+
+        ``index`` limits the check to those windows (default all); ``digest`` adds ``sha256``,
+        a checksum of their values in that order.
+        """
+        import hashlib
+
+        index = np.arange(self.n) if index is None else np.asarray(index, dtype=np.int64)
+        sha = hashlib.sha256() if digest else None
         lo, hi, total, finite, count = np.inf, -np.inf, 0.0, 0, 0
-        for _, block in self.iter_batches(np.arange(self.n), 4096):
+        for _, block in self.iter_batches(index, 4096):
+            if sha is not None:
+                sha.update(np.ascontiguousarray(block, dtype="<f4").tobytes())
             ok = np.isfinite(block)
             count += block.size
             finite += int(ok.sum())
@@ -114,7 +144,10 @@ class WindowSource:
             raise InputError(f"{where}: every window value is NaN; expected intensities")
         if hi - lo <= 0:
             raise InputError(f"{where}: all windows are constant (every value is {lo:g}); expected particle images")
-        return {"min": lo, "max": hi, "mean": total / finite, "finite_fraction": finite / count}
+        stats = {"min": lo, "max": hi, "mean": total / finite, "finite_fraction": finite / count}
+        if sha is not None:
+            stats["sha256"] = sha.hexdigest()
+        return stats
 
     def iter_batches(self, index: np.ndarray, batch_size: int,
                      rng: np.random.Generator | None = None, buffer_batches: int = 32) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -174,4 +207,38 @@ def _open_window_array(path: Path):
     dims = arr.attrs.get("_ARRAY_DIMENSIONS") or list(getattr(arr.metadata, "dimension_names", None) or [])
     if dims and list(dims) != ["obs", "wy", "wx"]:
         raise InputError(f"{path}: variable 'window' has dims {tuple(dims)}; expected ('obs', 'wy', 'wx')")
-    return arr
+    return arr, dict(group.attrs)
+
+
+def sample_windows(source: WindowSource, max_windows: int | None, seed: int) -> np.ndarray:
+    """Indices (sorted) of at most ``max_windows`` windows spread over stores, frames and particles.
+
+    Every store (movie) gets a share proportional to its windows, and within a store every
+    frame a share proportional to its windows (largest remainders); the windows of a frame are
+    drawn at random, so particles are spread too. Deterministic for ``seed``. All windows when
+    ``max_windows`` is None or not smaller than their number.
+    """
+    n = len(source)
+    if max_windows is None or int(max_windows) >= n:
+        return np.arange(n)
+    rng = np.random.default_rng([int(seed), 104729])
+    frames = source.frames()
+    # Stratum of every window: its store and (when known) its frame.
+    store = np.searchsorted(source.offsets, np.arange(n), side="right") - 1
+    key = store * (1 << 40) + (frames - frames.min() if frames is not None else 0)
+    strata, inverse, sizes = np.unique(key, return_inverse=True, return_counts=True)
+    quota = sizes * (int(max_windows) / n)
+    take = np.floor(quota).astype(np.int64)
+    short = int(max_windows) - int(take.sum())
+    if short > 0:
+        # Largest remainders first; ties broken at random so no frame is always favoured.
+        order = np.lexsort((rng.random(len(strata)), -(quota - take)))
+        take[order[:short]] += 1
+    chosen = []
+    by_stratum = np.argsort(inverse, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    for s, k in enumerate(take):
+        if k:
+            members = by_stratum[bounds[s]:bounds[s + 1]]
+            chosen.append(rng.choice(members, size=int(k), replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.arange(0)

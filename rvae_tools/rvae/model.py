@@ -17,10 +17,11 @@ import torch
 
 from ..errors import InputError
 from . import losses
+from .checkpoint import FORMAT, FORMAT_VERSION, check_compatible, read_checkpoint
 from .networks import NoPoseEncoder, TemplateDecoder, build_decoder, build_encoder
+from .trainer import fit as _fit
 
-FORMAT = "rvae-tools/rvae-checkpoint"
-FORMAT_VERSION = 1
+__all__ = ["FORMAT", "FORMAT_VERSION", "RVAE", "check_compatible", "read_checkpoint", "wrap_angle"]
 #: nats per squared pixel of template-centroid offset (see RVAE.loss).
 CENTRE_WEIGHT = 10.0
 
@@ -98,6 +99,8 @@ class RVAE:
         self.noise = torch.nn.Parameter(torch.zeros(()))  # log sd of a learned Gaussian likelihood
         self.net = torch.nn.ModuleDict({"encoder": self.encoder, "decoder": self.decoder})
         self.net.register_parameter("log_noise", self.noise)
+        if s["likelihood_sd"] is not None:
+            self.noise.requires_grad_(False)  # a fixed likelihood sd: the trainer leaves it alone
         self.log_rotation_prior = losses.rotation_log_prior(rotations, s["angle_prior"], float(s["angle_prior_width"]))
 
     @property
@@ -261,9 +264,7 @@ class RVAE:
 
         See :func:`rvae_tools.rvae.trainer.fit` for the parameters.
         """
-        from .trainer import fit
-
-        return fit(self, windows, epochs=epochs, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
+        return _fit(self, windows, epochs=epochs, batch_size=batch_size, checkpoint_dir=checkpoint_dir,
                    resume=resume, device=device, progress=progress, history_path=history_path,
                    callback=callback)
 
@@ -484,17 +485,20 @@ class RVAE:
 
     @classmethod
     def from_state(cls, payload: dict[str, Any], source: str = "checkpoint") -> RVAE:
+        """A model from checkpoint contents checked by :func:`.checkpoint.read_checkpoint`."""
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise InputError(f"{source}: not an rvae-tools model checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})")
+        if payload.get("kind") == "gmm":
+            raise InputError(f"{source}: checkpoint holds a Gaussian mixture, not a neural model (use load_model)")
         config = dict(payload["config"])
         window_size = tuple(config.pop("window_size"))
         try:
             model = cls(window_size, **config)
-        except InputError as exc:
-            raise InputError(f"{source}: its configuration is not valid here ({exc})") from None
+        except (InputError, TypeError, ValueError) as exc:
+            raise InputError(f"{source}: its configuration is not valid here ({str(exc).splitlines()[0]})") from None
         try:
             model.net.load_state_dict(payload["state_dict"])
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, ValueError) as exc:
             raise InputError(f"{source}: weights do not fit the model its config describes ({str(exc).splitlines()[0]})") from None
         model.normalisation = dict(payload.get("normalisation") or {})
         return model
@@ -517,20 +521,3 @@ class RVAE:
         model.checksum = file_sha256(path)
         return model
 
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (torch raises UnpicklingError, RuntimeError, EOFError, ...)
-        raise InputError(f"{path}: cannot be read as a model checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-
-
-def check_compatible(config: dict[str, Any], source: str, *, window_size=None, latent_dim=None) -> None:
-    """Raise InputError when a checkpoint's window size or latent size differs from what is expected."""
-    if window_size is not None:
-        ws = (window_size, window_size) if isinstance(window_size, (int, np.integer)) else tuple(window_size)
-        have = tuple(config["window_size"])
-        if tuple(int(v) for v in ws) != tuple(int(v) for v in have):
-            raise InputError(f"{source}: checkpoint is for {have[0]}x{have[1]} windows, but the windows are {ws[0]}x{ws[1]}")
-    if latent_dim is not None and int(latent_dim) != int(config["latent_dim"]):
-        raise InputError(f"{source}: checkpoint has latent_dim {config['latent_dim']}, but latent_dim {latent_dim} was asked for")

@@ -151,6 +151,8 @@ class ClassRVAE(RVAE):
         self.noise = torch.nn.Parameter(torch.zeros(()))
         self.net = torch.nn.ModuleDict({"encoder": self.encoder, "decoder": self.decoder})
         self.net.register_parameter("log_noise", self.noise)
+        if s["likelihood_sd"] is not None:
+            self.noise.requires_grad_(False)  # a fixed likelihood sd: the trainer leaves it alone
         self.log_rotation_prior = losses.rotation_log_prior(rotations, s["angle_prior"], float(s["angle_prior_width"]))
         self.class_names: list = list(range(K))
         self._label_source: LabelledWindows | None = None

@@ -1,5 +1,33 @@
 """Training loop: device, mixed precision, batches from memory or Zarr, checkpoints and resume.
 
+The trainer imports no model code. It trains any object that has (as :class:`~.model.RVAE`
+and :class:`~.baselines.PlainVAE` do):
+
+- ``settings``: dict with the training keys of the config's ``rvae`` section (``epochs``,
+  ``batch_size``, ``seed``, ``lr``, ``lr_schedule``, ``patience``, ``kl_weight``,
+  ``kl_warmup_epochs``, ``train_fraction``, ``amp``, ``restore_best``, ``memory_mb``,
+  ``max_windows``);
+- ``window_size``: (height, width) in pixels; ``config``: JSON-able description (hashed into
+  the resume fingerprint);
+- ``net``: a ``torch.nn.Module`` holding every parameter (those with ``requires_grad`` False
+  are not trained); ``to(device)``;
+- ``loss(x, beta=..., sample=...)``: (mean loss, dict of per-window parts in nats);
+- ``state()``: dict of tensors and plain values saved in every checkpoint, with the keys
+  :func:`.checkpoint.read_checkpoint` checks (``format``, ``format_version``, ``kind``,
+  ``config`` holding ``window_size``, ``state_dict``);
+- ``normalisation``: a dict attribute the trainer fills with the windows' statistics.
+
+Resume: checkpoints go to ``checkpoint_dir/<fingerprint>/``, where the fingerprint
+(:func:`.checkpoint.training_fingerprint`) hashes everything that determines the weights: the
+checksum of the training windows' values, the stores' windows settings, every training
+setting (seed included), the batch size, the rvae-tools and torch versions, and the number of
+epochs when the learning-rate schedule depends on it (``cosine``). A run continues only
+checkpoints of its own fingerprint; folders of any other are removed and the log says what
+changed. Without a cosine schedule an epoch's result does not depend on how many epochs follow,
+so raising ``epochs`` continues from the last checkpoint and lowering it restarts from the
+checkpoint of that epoch when it is kept (else afresh): either way the model equals a fresh
+run's.
+
 Determinism: the train/validation split comes from the seed; every epoch reseeds torch and
 draws its batch order from ``(seed, epoch)``, so an epoch's result depends only on the weights
 and optimiser state it starts from. A checkpoint after every epoch holds those (plus the
@@ -24,12 +52,21 @@ import pandas as pd
 import torch
 
 from ..errors import InputError
-from .data import WindowSource
+from .checkpoint import fingerprint_changes, read_checkpoint, training_fingerprint
+from .data import WindowSource, sample_windows
 
 log = logging.getLogger(__name__)
 
 _CKPT = re.compile(r"^epoch-(\d{4,})\.pt$")
 KEEP_CHECKPOINTS = 3
+FINGERPRINT_FILE = "fingerprint.json"
+#: Settings that do not change the trained weights: how encoding runs (batch, method,
+#: calibration), which stores are pooled (the windows' checksum covers that), the memory budget
+#: (its effect on the batch order is recorded as ``in_memory``), whether the best epoch's
+#: weights are restored at the end (checkpoints hold both), and ``epochs`` unless the schedule
+#: depends on it.
+RUN_ONLY_SETTINGS = {"encode_batch_size", "encode_method", "calibration_windows", "pooled", "memory_mb",
+                     "restore_best", "epochs"}
 
 
 def split_indices(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,13 +104,18 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
 
     Parameters
     ----------
-    model : RVAE
-    windows : ndarray (n, wy, wx), list of arrays, or patches.zarr path(s)
+    model : object
+        Anything with the attributes and methods listed in the module docstring (RVAE, PlainVAE,
+        the class models).
+    windows : ndarray (n, wy, wx), list of arrays, patches.zarr path(s) or a WindowSource
+        At most ``settings["max_windows"]`` of them are trained and validated on
+        (:func:`.data.sample_windows`).
     epochs, batch_size : int, optional
         Override the settings' ``epochs`` / ``batch_size``.
     checkpoint_dir : path, optional
-        A checkpoint ``epoch-NNNN.pt`` is written here after every epoch (the last three are
-        kept); with ``resume`` the newest one is continued from.
+        A checkpoint ``<fingerprint>/epoch-NNNN.pt`` is written here after every epoch (the
+        last three are kept); with ``resume`` the newest one of the same fingerprint is
+        continued from (see the module docstring).
     device : str
         "auto", "cpu", "cuda", "cuda:N" or "mps".
     progress : bool
@@ -96,22 +138,28 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
     batch_size = int(batch_size if batch_size is not None else s["batch_size"])
     seed = int(s["seed"])
     source = windows if isinstance(windows, WindowSource) else WindowSource(windows, memory_mb=float(s["memory_mb"]))
-    if tuple(source.window_size) != model.window_size:
+    if tuple(source.window_size) != tuple(model.window_size):
         raise InputError(f"{', '.join(source.names)}: windows are {source.window_size[0]}x{source.window_size[1]} "
                          f"pixels but the model is built for {model.window_size[0]}x{model.window_size[1]}")
-    stats = source.check_content()
+    max_windows = s.get("max_windows")
+    pool = sample_windows(source, max_windows, seed)
+    if len(pool) < len(source):
+        log.info("training budget: %d of %d windows (rvae.max_windows = %d), spread over %d store(s) and their "
+                 "frames; encoding still covers all", len(pool), len(source), int(max_windows), len(source.counts))
+    else:
+        log.info("training budget: all %d windows (rvae.max_windows = %s)", len(source), max_windows)
+    stats = source.check_content(pool, digest=True)
     model.normalisation = {"data_min": stats["min"], "data_max": stats["max"], "data_mean": stats["mean"],
-                           "finite_fraction": stats["finite_fraction"], "n_windows": len(source)}
+                           "finite_fraction": stats["finite_fraction"], "n_windows": len(source),
+                           "n_training_windows": len(pool)}
     dev = select_device(device)
     model.to(dev)
     use_amp = bool(s["amp"]) and dev.type != "cpu"
     pin = loader_kwargs(dev)["pin_memory"]
 
-    train_idx, val_idx = split_indices(len(source), float(s["train_fraction"]), seed)
+    train_pos, val_pos = split_indices(len(pool), float(s["train_fraction"]), seed)
+    train_idx, val_idx = pool[train_pos], pool[val_pos]
     params = [p for p in model.net.parameters() if p.requires_grad]
-    if s["likelihood_sd"] is not None:
-        model.noise.requires_grad_(False)
-        params = [p for p in params if p is not model.noise]
     optimizer = torch.optim.Adam(params, lr=float(s["lr"]))
     scheduler = _make_scheduler(s["lr_schedule"], optimizer, epochs, int(s["patience"]))
     scaler = grad_scaler(dev, use_amp)
@@ -120,14 +168,15 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
     history: list[dict[str, Any]] = []
     start_epoch, best_loss, bad_epochs, best_state = 0, math.inf, 0, None
 
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    fingerprint = {"n_windows": len(source), "window_size": list(model.window_size)}
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        found = _checkpoints(folder)
-        if resume and found:
-            ckpt = _load_resumable(found, model, fingerprint)
-            if ckpt is not None:
+    folder = None
+    fingerprint = ""
+    if checkpoint_dir is not None:
+        description = _fingerprint_parts(model, source, stats, len(pool), epochs, batch_size, use_amp)
+        fingerprint = training_fingerprint(description)
+        folder = _checkpoint_folder(Path(checkpoint_dir), fingerprint, description, resume)
+        ckpt = _load_resumable(_checkpoints(folder), fingerprint, epochs) if resume else None
+        if ckpt is not None:
+            try:
                 model.net.load_state_dict(ckpt["state_dict"])
                 optimizer.load_state_dict(ckpt["optimizer"])
                 if scheduler is not None and ckpt.get("scheduler"):
@@ -136,14 +185,17 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
                     scaler.load_state_dict(ckpt["scaler"])
                 train_idx = ckpt["train_index"].numpy()
                 val_idx = ckpt["val_index"].numpy()
-                start_epoch = int(ckpt["epoch"]) + 1
-                best_loss, bad_epochs = float(ckpt["best_loss"]), int(ckpt["bad_epochs"])
                 best_state = ckpt.get("best_state_dict")
                 history = [dict(row) for row in ckpt["history"]]
-                log.info("resuming from %s (epoch %d of %d)", found[-1][1], start_epoch, epochs)
-        elif not resume:
-            for _, p in found:
-                p.unlink()
+            except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise InputError(f"{ckpt['_path']}: cannot resume from this checkpoint ({first[:200]}); "
+                                 f"delete {folder} to train afresh") from None
+            start_epoch = int(ckpt["epoch"]) + 1
+            best_loss, bad_epochs = float(ckpt["best_loss"]), int(ckpt["bad_epochs"])
+            log.info("resuming from %s (epoch %d of %d)", ckpt["_path"], start_epoch, epochs)
+        else:
+            log.info("training afresh in %s", folder)
 
     stopped = bool(history) and bool(history[-1].get("stopped_early", False))
     bar = None
@@ -163,7 +215,7 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
             rng = np.random.default_rng([seed, epoch, 1])
             model.net.train()
             t0 = time.perf_counter()
-            sums = {"loss": 0.0, "rec": 0.0, "kl_z": 0.0, "kl_angle": 0.0, "kl_shift": 0.0}
+            sums: dict[str, float] = {"loss": 0.0}
             seen = 0
             step = epoch * steps_per_epoch
             beta = float(s["kl_weight"])
@@ -187,8 +239,9 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
                 nb = xb.shape[0]
                 seen += nb
                 sums["loss"] += float(loss.detach()) * nb
-                for key in ("rec", "kl_z", "kl_angle", "kl_shift"):
-                    sums[key] += float(parts[key].detach().sum())
+                for key, value in parts.items():
+                    if key in _HISTORY_PARTS:
+                        sums[key] = sums.get(key, 0.0) + float(value.detach().sum())
                 step += 1
                 if bar is not None:
                     bar.update(1)
@@ -240,7 +293,6 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
                     "best_state_dict": best_state,
                     "history": history,
                     "fingerprint": fingerprint,
-                    "torch_rng": torch.get_rng_state(),
                 }
                 with atomic_output(folder / f"epoch-{epoch + 1:04d}.pt") as tmp:
                     torch.save(payload, tmp)
@@ -299,34 +351,87 @@ def _evaluate(model, source, idx, batch_size, dev, use_amp, seed, epoch) -> floa
     return total / max(n, 1)
 
 
-def _load_resumable(found, model, fingerprint) -> dict[str, Any] | None:
-    """The newest readable checkpoint, checked against this model and data."""
-    from .model import check_compatible, read_checkpoint
+def _fingerprint_parts(model, source: WindowSource, stats: dict, n_training: int, epochs: int, batch_size: int,
+                       use_amp: bool) -> dict[str, Any]:
+    """Everything that determines the trained weights, as JSON-able values."""
+    import hashlib
 
-    for _, path in reversed(found):
+    from .. import __version__
+
+    settings = {k: v for k, v in model.config.items() if k not in RUN_ONLY_SETTINGS}
+    if model.settings.get("lr_schedule") == "cosine":
+        settings["epochs"] = int(epochs)  # the schedule's period is the total number of epochs
+    return {
+        "rvae_tools": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "settings": settings,
+        "batch_size": int(batch_size),
+        "amp": bool(use_amp),
+        "windows": {"checksum": stats["sha256"], "n_training": int(n_training),
+                    "n_total": len(source), "stores": source.store_settings(), "in_memory": bool(source.in_memory)},
+        # A source may carry per-window targets (the class models' labels): they shape the weights too.
+        "labels": (hashlib.sha256(np.ascontiguousarray(source.labels, dtype="<i8").tobytes()).hexdigest()
+                   if getattr(source, "labels", None) is not None else None),
+    }
+
+
+def _checkpoint_folder(root: Path, fingerprint: str, description: dict, resume: bool) -> Path:
+    """``root/<fingerprint>``, created; folders of other fingerprints (and loose epoch files
+    of older rvae-tools) are removed, saying what changed."""
+    import json
+    import shutil
+
+    folder = root / fingerprint[:16]
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(root.iterdir()):
+        if entry == folder:
+            continue
+        if entry.is_dir() and (entry / FINGERPRINT_FILE).exists():
+            try:
+                old = json.loads((entry / FINGERPRINT_FILE).read_text())
+                changed = ", ".join(fingerprint_changes(old, description)) or "unknown"
+            except (OSError, ValueError):
+                changed = "unreadable fingerprint"
+            log.info("the checkpoints in %s were trained with other settings or windows (changed: %s); "
+                     "removed, training starts afresh", entry, changed)
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_file() and _CKPT.match(entry.name):
+            log.info("removing %s: an epoch checkpoint without a training fingerprint (older rvae-tools)", entry)
+            entry.unlink(missing_ok=True)
+    if not resume and folder.exists():
+        log.info("--no-resume: removing the checkpoints in %s", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(exist_ok=True)
+    if not (folder / FINGERPRINT_FILE).exists():
+        from ..io import atomic_output
+
+        with atomic_output(folder / FINGERPRINT_FILE) as tmp:
+            Path(tmp).write_text(json.dumps(description, indent=1, sort_keys=True, default=str) + "\n")
+    return folder
+
+
+def _load_resumable(found, fingerprint: str, epochs: int) -> dict[str, Any] | None:
+    """The newest readable checkpoint of this fingerprint that does not go past ``epochs``."""
+    usable = [(e, p) for e, p in found if e <= epochs]
+    if found and not usable:
+        log.info("the kept checkpoints (epochs %s) are past epochs = %d; training afresh",
+                 ", ".join(str(e) for e, _ in found), epochs)
+    for _, path in reversed(usable):
         try:
-            ckpt = read_checkpoint(path)
+            ckpt = read_checkpoint(path, epoch=True)
         except InputError as exc:
             log.warning("skipping unreadable checkpoint: %s", exc)
             continue
-        cfg = ckpt.get("config", {})
-        check_compatible(cfg, str(path), window_size=model.window_size, latent_dim=model.latent_dim)
-        mine = model.config
-        differs = sorted(k for k in mine if k not in ("epochs", "seed", "window_size")
-                         and k in cfg and cfg[k] != mine[k] and k not in _RESUME_TOLERANT)
-        if differs:
-            detail = ", ".join(f"{k}: {cfg[k]!r} there, {mine[k]!r} now" for k in differs)
-            raise InputError(f"{path}: checkpoint was trained with other settings ({detail}); "
-                             "delete the checkpoint folder or train without resume")
-        if ckpt.get("fingerprint") != fingerprint:
-            raise InputError(f"{path}: checkpoint was trained on other windows ({ckpt.get('fingerprint')}, now {fingerprint}); "
-                             "delete the checkpoint folder or train without resume")
+        if ckpt["fingerprint"] != fingerprint:
+            log.warning("skipping %s: its fingerprint does not match its folder", path)
+            continue
+        ckpt["_path"] = str(path)
         return ckpt
     return None
 
 
-# Settings that change how training runs or what is encoded, not what is being trained.
-_RESUME_TOLERANT = {"encode_batch_size", "encode_method", "calibration_windows", "pooled", "memory_mb", "amp", "patience", "restore_best"}
+#: Per-window loss parts reported in the history (the ones a model returns).
+_HISTORY_PARTS = ("rec", "kl_z", "kl_angle", "kl_shift")
 
 
 def _write_history(history: list[dict[str, Any]], path) -> None:

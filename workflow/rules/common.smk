@@ -230,7 +230,7 @@ def rvae_train_mem_mb(wildcards, input):
     """The trainer keeps at most rvae.memory_mb of windows in memory and streams the rest."""
     movie = None if wildcards.scope == "pooled" else wildcards.scope
     window_mb = stage_settings(config, "rvae", movie)["memory_mb"]
-    return int(1500 + min(window_mb, 8 * input_mb(input)))
+    return int(1500 + min(window_mb, 8 * input_mb(input.patches)))
 
 
 def _rvae_train_settings(wildcards):

@@ -41,6 +41,7 @@ rule figures:
         detections=f"{RESULTS}/{{movie}}/detections.parquet",
         patches=f"{RESULTS}/{{movie}}/patches.zarr",
         movie=f"{RESULTS}/{{movie}}/movie.zarr",
+        model=rvae_model_path,
     output:
         [
             report(
@@ -70,4 +71,4 @@ rule figures:
     conda:
         "../envs/figures.yaml"
     shell:
-        "rvae-tools figures {params.movie_dir:q} --settings {params.settings:q} > {log:q} 2>&1"
+        "rvae-tools figures {params.movie_dir:q} --model {input.model:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -1,7 +1,30 @@
+rule train_checkpoints:
+    """The rVAE trainer's per-epoch checkpoint folder, its own output so that Snakemake removes it
+    with --delete-all-output / --forcerun train_checkpoints, but keeps it when a killed train job
+    is rerun (Snakemake deletes a job's own outputs before running it, which would lose the
+    resume). The trainer only continues checkpoints whose fingerprint matches the windows and
+    settings; others it removes, saying what changed."""
+    output:
+        directory(f"{RESULTS}/models/rvae/{{scope}}/model.checkpoints"),
+    wildcard_constraints:
+        scope="|".join(["pooled", *MOVIES]),
+    log:
+        f"{RESULTS}/logs/train_checkpoints/{{scope}}.log",
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "rvae-tools checkpoint-folder {output:q} > {log:q} 2>&1"
+
+
 rule train:
     """Train the rotationally invariant VAE on the windows (pooled over all movies, or per movie)."""
     input:
-        _rvae_train_patches,
+        patches=_rvae_train_patches,
+        checkpoints=f"{RESULTS}/models/rvae/{{scope}}/model.checkpoints",
     output:
         model=f"{RESULTS}/models/rvae/{{scope}}/model.pt",
         history=f"{RESULTS}/models/rvae/{{scope}}/history.csv",
@@ -19,9 +42,10 @@ rule train:
         gpu=1,
         cpus_per_gpu=2,
         mem_mb=rvae_train_mem_mb,
-        runtime=runtime_from_input(20, 2),
+        runtime=lambda wildcards, input: int(20 + 2 * input_mb(input.patches)),
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} rvae-tools train {input:q} -o {output.model:q} --device {params.device:q}"
+        "OMP_NUM_THREADS={threads} rvae-tools train {input.patches:q} -o {output.model:q}"
+        " --checkpoints {input.checkpoints:q} --device {params.device:q}"
         " --settings {params.settings:q} > {log:q} 2>&1"
