@@ -21,7 +21,9 @@ printed per variant:
   (the encoded angle follows the known rotation phi_k);
 - the fitted sense, offset and residual, and the species' symmetry order.
 
-Run: ``python bench/angles.py [--epochs N] [--quick]``; the last line is one JSON object.
+Run: ``python bench/angles.py [--epochs N]``; ``--results results/demo`` instead scores a
+finished run against its ``truth.parquet`` (lab-frame angle with nothing fitted, per true
+class). The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -41,10 +43,10 @@ from scipy import ndimage
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rvae_tools.config import validate_section  # noqa: E402
-from rvae_tools.encode import encode_patches  # noqa: E402
-from rvae_tools.io import write_table, write_zarr  # noqa: E402
-from rvae_tools.windows import make_windows  # noqa: E402
+from rvae_tools.config import validate_section
+from rvae_tools.encode import encode_patches
+from rvae_tools.io import write_table, write_zarr
+from rvae_tools.windows import make_windows
 
 DATA = REPO.parent / "shared" / "data" / "omnipose_rods"
 ANGLES = np.array([0.0, 0.35, -0.6, 1.1, 1.9, -1.4])  # rad, from +x towards +y
@@ -175,12 +177,57 @@ def run_variant(root: Path, tracks: pd.DataFrame, mask: str, epochs: int, size: 
     }
 
 
+def score_results(movie_dir: Path) -> dict:
+    """Lab-frame angle of a finished run (results/NAME with truth.parquet) against the truth, per species.
+
+    ``lab_*``: ``|mean exp(i n (angle - truth))|`` with nothing fitted (the lab frame must hold
+    as stored); ``free_*``: the same maximised over a sense and an offset (as bench/rvae.py).
+    """
+    from scipy.spatial import cKDTree
+
+    ds = xr.open_zarr(movie_dir / "latents.zarr")
+    truth = pd.read_parquet(movie_dir / "truth.parquet")
+    table = json.loads(ds.attrs["species"])
+    out = {"symmetry_found": ds.attrs["species_symmetry"], "species_source": ds.attrs["species_source"],
+           "offset_deg": [round(float(np.degrees(o)), 1) for o in ds.attrs["angle_offset"]],
+           "sense": ds.attrs["angle_sense"]}
+    ang = ds.angle.transpose("particle", "frame").values
+    xs, ys = ds.x.transpose("particle", "frame").values, ds.y.transpose("particle", "frame").values
+    sp = ds.species.values
+    pairs = []
+    for k, frame in enumerate(ds.frame.values):
+        t = truth[truth.frame == frame]
+        ok = np.isfinite(xs[:, k])
+        if t.empty or not ok.any():
+            continue
+        dist, j = cKDTree(t[["x", "y"]].to_numpy()).query(np.c_[xs[ok, k], ys[ok, k]])
+        good = dist < 2.0
+        pairs.append(pd.DataFrame({"angle": ang[ok, k][good], "truth": t.angle.to_numpy()[j[good]],
+                                   "true_cls": t.cls.to_numpy()[j[good]], "species": sp[ok][good]}))
+    pairs = pd.concat(pairs, ignore_index=True)
+    for cls, g in pairs.groupby("true_cls"):
+        n = 2 if g.species.iloc[0] < 0 else max(int(table[int(g.species.mode().iloc[0])]["symmetry"]), 1)
+        d = g.angle.to_numpy() - g.truth.to_numpy()
+        out[f"lab_consistency_cls{cls}"] = round(float(np.abs(np.nanmean(np.exp(1j * n * d)))), 4)
+        free = max(float(np.abs(np.nanmean(np.exp(1j * n * (g.truth.to_numpy() - s * g.angle.to_numpy())))))
+                   for s in (1, -1))
+        out[f"free_consistency_cls{cls}"] = round(free, 4)
+        out[f"n_cls{cls}"] = n
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--masks", default="none,aperture")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="instead: score a finished run's results/NAME (latents.zarr + truth.parquet)")
     args = parser.parse_args(argv)
+    if args.results is not None:
+        res = score_results(args.results)
+        print(json.dumps({"bench": "angles_results", **res}))
+        return 0
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -332,3 +332,37 @@ def test_the_aperture_keeps_a_brighter_touching_neighbour_out(tmp_path):
 
     assert off(_axis(w_raw)) > 15  # the neighbour steers the raw window
     assert off(_axis(ds.window.values[0])) < 5
+
+
+def test_aperture_windows_of_a_real_colony_follow_their_own_cell(tmp_path, shared_data):
+    """Real phase-contrast E. coli colony (touching cells): each aperture window's axis is its cell's mask ellipse."""
+    tifffile = pytest.importorskip("tifffile")
+    from skimage.measure import regionprops
+
+    folder = shared_data / "omnipose_rods"
+    image = tifffile.imread(folder / "ec_5I_t141xy5c1.tif").astype(np.float64)
+    labels = tifffile.imread(folder / "masks" / "ec_5I_t141xy5c1_cp_masks.tif")
+    rows = []
+    for r in regionprops(labels):
+        if r.area < 20:
+            continue
+        cy, cx = r.centroid
+        # skimage: angle of the major axis from the row axis; ours: from +x (columns) towards +y (rows)
+        rows.append({"frame": 0, "x": cx, "y": cy, "particle": r.label, "orientation": np.pi / 2 - r.orientation,
+                     "major_axis": r.axis_major_length, "minor_axis": r.axis_minor_length,
+                     "eccentricity": r.eccentricity})
+    tracks = pd.DataFrame(rows)
+    write_movie(tmp_path / "movie.zarr", [image.max() - image])  # dark cells -> bright, as `invert` does
+    write_table(tracks, tmp_path / "tracks.parquet")
+    scores = {}
+    for mask in ("none", "aperture"):
+        out = tmp_path / f"{mask}.zarr"
+        summary = make_windows(tmp_path / "movie.zarr", tmp_path / "tracks.parquet", out,
+                               settings(size=48, mask=mask), progress=False)
+        assert summary["n_windows"] == len(tracks)  # cells near the edge are padded, not dropped
+        ds = open_zarr(out)
+        axes = np.array([_axis(w) for w in ds.window.values])
+        ref = ds.orientation.values
+        elongated = ds.eccentricity.values >= 0.8
+        scores[mask] = abs(np.mean(np.exp(2j * (axes - ref))[elongated]))
+    assert scores["aperture"] >= 0.9 and scores["aperture"] > scores["none"] + 0.3, scores
