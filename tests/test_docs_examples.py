@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from _workflow import tool_env
+from _workflow import shared_small_run, tool_env
 
 from rvae_tools.cli import main
 from rvae_tools.config import check_config, parse_yaml, validate_config
@@ -79,16 +80,22 @@ def test_yaml_example_is_a_valid_config(where, text, tmp_path, monkeypatch, shar
 
 
 @pytest.mark.parametrize(("where", "command"), _commands(), ids=[f"{w} {c[:40]}" for w, c in _commands()])
-def test_shell_example_runs(where, command):
+def test_shell_example_runs(where, command, tmp_path, tmp_path_factory):
     if NOT_RUN.match(command):
         return  # see NOT_RUN
     args = shlex.split(command)
     assert args[0] in ("snakemake", "rvae-tools"), f"{where}: no test runs `{command}`; add it"
+    cwd = REPO
     if args[0] == "snakemake":
         args += ["--dry-run"]
+    elif any(arg.startswith("results/") for arg in args):
+        # A command on the workflow's outputs: run where the (small) demo workflow has run,
+        # in a copy, so that the shared run stays as the workflow left it.
+        cwd = tmp_path / "run"
+        shutil.copytree(shared_small_run(tmp_path_factory), cwd, symlinks=True)
     proc = subprocess.run(
         [str(Path(sys.executable).parent / args[0]), *args[1:]],
-        cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=300, check=False,
+        cwd=cwd, env=tool_env(), capture_output=True, text=True, timeout=600, check=False,
     )
     assert proc.returncode == 0, f"{where}: `{command}` failed:\n{(proc.stdout + proc.stderr)[-3000:]}"
 
