@@ -266,7 +266,7 @@ def test_train_classify_and_encode_write_the_class_contract(tmp_path, capsys):
     np.testing.assert_allclose(table[["prob_a", "prob_b", "prob_c"]].sum(axis=1), 1, atol=1e-5)
     latents = tmp_path / "latents.zarr"
     assert main(["encode", str(patches), str(model), "-o", str(latents), "--device", "cpu", "--no-progress"]) == 0
-    ds = xr.open_zarr(latents)
+    ds = xr.open_zarr(latents).load()
     assert ds["cls_prob"].dims == ("particle", "frame", "class") and list(ds["class"].values) == ["a", "b", "c"]
     assert ds["cls"].dims == ("particle",) and ds["cls_confidence"].dims == ("particle",)
     row = table[table["particle"] == 0].sort_values("frame")
