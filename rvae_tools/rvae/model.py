@@ -426,11 +426,24 @@ class RVAE:
 
     def decode(self, z, angle=None, dx=None, dy=None, device: str | torch.device = "cpu") -> np.ndarray:
         """Images (n, wy, wx) of content ``z`` (n, k) at ``angle`` (rad) and shifts (px); None = 0."""
+        z = self._content(z)
+        return self._decode_at(lambda zt: zt, z, angle, dx, dy, device)
+
+    def _content(self, z) -> np.ndarray:
+        """``z`` as a float32 (n, latent_dim) array; InputError when its width is not the model's."""
         z = np.atleast_2d(np.asarray(z, dtype=np.float32))
         if self.latent_dim == 0:
             z = z.reshape(-1, 0)
         if z.shape[1] != self.latent_dim:
             raise InputError(f"z has {z.shape[1]} columns but the model has latent_dim {self.latent_dim}")
+        return z
+
+    def _decode_at(self, decoder_input, z: np.ndarray, angle, dx, dy, device) -> np.ndarray:
+        """Decode content ``z`` at the given poses, 1024 windows at a time.
+
+        ``decoder_input`` maps the content tensor to what the decoder takes (a subclass adds
+        its class one-hot there), so every model shares this one batched loop.
+        """
         n = z.shape[0]
 
         def column(v):
@@ -440,7 +453,7 @@ class RVAE:
 
         dev = self._prepare(device)
         with torch.inference_mode():
-            zt = torch.from_numpy(z).to(dev)
+            zt = decoder_input(torch.from_numpy(z).to(dev))
             theta = torch.from_numpy(column(angle)).to(dev)[:, None]
             shift = torch.from_numpy(np.stack([column(dx), column(dy)], 1) * self.pixel).to(dev)
             images = []

@@ -346,34 +346,13 @@ class ClassRVAE(RVAE):
 
     def decode(self, z, angle=None, dx=None, dy=None, device: str | torch.device = "cpu", cls=0) -> np.ndarray:
         """Images (n, wy, wx) of content ``z`` (n, k) and class index ``cls`` at ``angle`` (rad), shifts (px)."""
-        z = np.atleast_2d(np.asarray(z, dtype=np.float32))
-        if self.latent_dim == 0:
-            z = z.reshape(-1, 0)
-        if z.shape[1] != self.latent_dim:
-            raise InputError(f"z has {z.shape[1]} columns but the model has latent_dim {self.latent_dim}")
+        z = self._content(z)
         n = z.shape[0]
         y = np.broadcast_to(np.asarray(cls, dtype=np.int64).reshape(-1), (n,))
         if n and (y.min() < 0 or y.max() >= self.classes):
             raise InputError(f"cls must be class indices 0..{self.classes - 1}; got {sorted(set(y.tolist()))[:5]}")
-
-        def column(v):
-            if v is None:
-                return np.zeros(n, dtype=np.float32)
-            return np.broadcast_to(np.asarray(v, dtype=np.float32).reshape(-1), (n,)).copy()
-
-        dev = self._prepare(device)
-        images = []
-        with torch.inference_mode():
-            zy = self._with_class(torch.from_numpy(z).to(dev), torch.from_numpy(y.copy()).to(dev))
-            theta = torch.from_numpy(column(angle)).to(dev)[:, None]
-            shift = torch.from_numpy(np.stack([column(dx), column(dy)], 1) * self.pixel).to(dev)
-            for start in range(0, n, 1024):
-                sl = slice(start, start + 1024)
-                out = self.decoder(zy[sl], theta[sl], shift[sl])[:, 0].float()
-                if self.settings["likelihood"] == "bernoulli":
-                    out = torch.sigmoid(out)
-                images.append(out.cpu().numpy())
-        return np.concatenate(images) if images else np.empty((0, *self.window_size), np.float32)
+        labels = torch.from_numpy(y.copy())
+        return self._decode_at(lambda zt: self._with_class(zt, labels.to(zt.device)), z, angle, dx, dy, device)
 
     def reconstruct(self, windows, batch_size: int | None = None, device: str | torch.device = "auto") -> np.ndarray:
         """Each window decoded at its own pose, content and most probable class."""
