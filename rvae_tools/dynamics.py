@@ -933,7 +933,7 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
                          f"n = {ASSUMED_SYMMETRY} assumed, angles compared modulo pi; set dynamics.symmetry")
     table = [{"name": str(s.get("name", f"species{k}")), "symmetry": int(s["symmetry"]), "source": source}
              for k, s in enumerate(listed)]
-    if len(table) == 1:
+    if len(table) == 1 and settings["species_from"] != "cls":
         return np.zeros(n_particles, dtype=int), table, "single"
     # Trajectories without any window carry no data: their class (often a placeholder) is moot.
     has_data = np.isfinite(np.asarray(latents["x"].transpose("particle", "frame").values, dtype=float)).any(axis=1)
