@@ -35,18 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
+from _peers import PEERS, SHIMS
+from _peers import ensure_peers as install_peers
 
-ROOT = Path(__file__).resolve().parents[1]
-PEERS = ROOT / ".peers"
-SHIMS = ROOT / "bench" / "peer_shims"
 PEER_PACKAGES = ["pyroved==0.3.0", "pyro-ppl", "pyro-api", "opt_einsum", "gpytorch", "linear_operator",
                  "jaxtyping", "wadler_lindig", "mpmath"]
 SUITS = {"spade": "\u2660", "heart": "\u2665", "diamond": "\u2666", "club": "\u2663"}
@@ -162,19 +158,7 @@ def run_pyroved(labelled, unlabelled, test, args) -> dict:
 
 def ensure_peers() -> str | None:
     """Install pyroVED into .peers when absent; None when importable, else the reason."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SHIMS), str(PEERS)]))
-    probe = [sys.executable, "-c", "import pyroved.models"]
-    if subprocess.run(probe, env=env, capture_output=True, check=False).returncode == 0:
-        return None
-    print(f"installing pyroVED into {PEERS} (--no-deps, once) ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(PEERS), *PEER_PACKAGES]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return "pip failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
-    check = subprocess.run(probe, env=env, capture_output=True, text=True, check=False)
-    if check.returncode != 0:
-        return "import failed: " + (check.stderr.strip().splitlines() or ["?"])[-1]
-    return None
+    return install_peers(PEER_PACKAGES, "pyroved.models")
 
 
 # --------------------------------------------------------------------------- main

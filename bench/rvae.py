@@ -33,18 +33,15 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
+from _peers import PEERS, SHIMS
+from _peers import ensure_peers as install_peers
 
-ROOT = Path(__file__).resolve().parents[1]
-PEERS = ROOT / ".peers"
-SHIMS = ROOT / "bench" / "peer_shims"
 PEER_PACKAGES = ["atomai==0.8.1", "pyroved==0.3.0"]
 # What the two peers import (checked by importing them); all pure Python or self-contained wheels.
 PEER_DEPENDENCIES = ["pyro-ppl", "pyro-api", "opt_einsum", "gpytorch", "linear_operator", "jaxtyping",
@@ -232,20 +229,7 @@ def run_atomai(data, train_idx, args) -> dict:
 
 def ensure_peers() -> str | None:
     """Install the peers into .peers when absent; None when importable, else the reason."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SHIMS), str(PEERS)]))
-    probe = [sys.executable, "-c", "import pyroved.models, atomai.models"]
-    if subprocess.run(probe, env=env, capture_output=True, check=False).returncode == 0:
-        return None
-    print(f"installing the peers into {PEERS} (--no-deps, once) ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(PEERS),
-           *PEER_PACKAGES, *PEER_DEPENDENCIES]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return "pip failed: " + (done.stderr.strip().splitlines() or ["?"])[-1]
-    check = subprocess.run(probe, env=env, capture_output=True, text=True, check=False)
-    if check.returncode != 0:
-        return "import failed: " + (check.stderr.strip().splitlines() or ["?"])[-1]
-    return None
+    return install_peers([*PEER_PACKAGES, *PEER_DEPENDENCIES], "pyroved.models, atomai.models")
 
 
 # --------------------------------------------------------------------------- main
