@@ -17,6 +17,11 @@ stage followed by a rerun.
 Usage: python bench/faults.py [--kills-per-stage 2] [--seed 0] [--stages RULE ...] [--reference DIR]
                               [--no-kills] [--keep DIR]
 The last line of the output is one JSON object with the counts.
+
+Measured (commit 29f4a0f, shared 2-core machine): ``python -u bench/faults.py --kills-per-stage 3 --seed 1
+--keep DIR``: 100 bad inputs, 100 clear errors, 0 tracebacks, 0 silent, 0 data loss; 49 rendered shell
+commands, 0 injected; 33 kill trials over 11 stages (32 mid-stage), 33 reruns identical, 0 leftovers;
+reference run 239 s.
 """
 
 from __future__ import annotations

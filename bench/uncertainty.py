@@ -16,10 +16,11 @@ centre (px). The model's angle has an arbitrary origin and sense relative to the
 canonical template is learned), so per species the sense s = +/-1 and one constant offset are
 fitted first (on the training windows), as the lab-frame calibration does.
 
-The c-interval (c = 0.68, 0.95; z = its normal quantile) is ``angle +/- z angle_sd``, joined by
-the same interval about ``angle + pi`` when ``flip_prob > 1 - c`` (the orientation's other end
-holds more mass than the interval may leave out); for an n-fold species the error counts
-modulo 2 pi / n. ``dx +/- z dx_sd`` likewise. Printed per species and interval: the fraction of
+The c-interval (c = 0.68, 0.95) of a 1-fold species is the highest-density set of mass c of
+the two-branch posterior ``(1 - flip_prob) N(angle, angle_sd) + flip_prob N(angle + pi, angle_sd)``
+(``rvae_tools.rvae.uncertainty.angle_inside``), so it holds the other end once ``flip_prob`` is
+large enough; for an n-fold species it is ``angle +/- z angle_sd`` (z the normal quantile) with
+the error counted modulo 2 pi / n. ``dx +/- z dx_sd`` likewise. Printed per species and interval: the fraction of
 held-out windows whose truth is inside; for the 1-fold species also the observed flip rate
 against the mean ``flip_prob``. The last line is one JSON object with every figure.
 
@@ -37,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import norm
+
+from rvae_tools.rvae.uncertainty import angle_inside
 
 LEVELS = (0.68, 0.95)
 
@@ -72,10 +75,9 @@ def coverage(data: dict, enc: dict, train: np.ndarray, test: np.ndarray) -> dict
         sd, flip = enc["angle_sd"][te], enc["flip_prob"][te]
         for c in LEVELS:
             z = norm.ppf(0.5 + c / 2)
-            inside = np.abs(err) <= z * sd
-            if n % 2 == 1:
-                other = np.abs(wrap(err - np.pi, 2 * np.pi)) <= z * sd
-                inside |= other & (np.nan_to_num(flip) > 1 - c)
+            # 1-fold: the interval is the highest-density set of the two-branch posterior
+            # (angle and angle + pi weighted by flip_prob); n-fold: the error is modulo 2 pi / n.
+            inside = angle_inside(err, sd, flip if n == 1 else None, c)
             out[f"angle_coverage_{int(c * 100)}_{name}"] = float(inside.mean())
             for i, axis in enumerate(("dx", "dy")):
                 res = data["shift"][te, i] - enc[axis][te]

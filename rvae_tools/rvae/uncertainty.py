@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import norm
 
 #: Largest known shift of a calibration window, px.
 MAX_SHIFT = 1.0
@@ -109,3 +110,49 @@ def apply_calibration(out: dict[str, np.ndarray], calibration: dict[str, Any] | 
                 raw = np.asarray(out[name], dtype=np.float64)
                 out[name] = np.sqrt((p["scale"] * raw) ** 2 + p["floor"] ** 2).astype(np.float32)
     return out
+
+
+def angle_interval_mass(err: np.ndarray, sd: np.ndarray, flip: np.ndarray | None = None) -> np.ndarray:
+    """Posterior mass of the smallest angle interval that reaches the error ``err`` (rad).
+
+    The angle's posterior is read as the mixture ``(1 - flip) N(angle, sd) + flip N(angle + pi, sd)``
+    (the reported angle and its other end). The true angle lies inside the reported c-interval
+    (the highest-density set of mass c, which holds the flip branch once ``flip`` is large
+    enough) exactly when this mass is at most c. The two branches are treated as separate
+    (valid while ``sd`` is well below pi/2).
+
+    Parameters
+    ----------
+    err : ndarray
+        True angle minus reported angle, rad (any wrapping; it is wrapped to [-pi, pi)).
+    sd : ndarray
+        ``angle_sd``, rad (> 0).
+    flip : ndarray, optional
+        ``flip_prob`` in [0, 1]; None or NaN = 0 (no flip branch, e.g. an n-fold species whose
+        error is already taken modulo 2 pi / n).
+
+    Returns
+    -------
+    ndarray
+        Mass in [0, 1] per window.
+    """
+    err = np.remainder(np.asarray(err, float) + math.pi, 2 * math.pi) - math.pi
+    sd = np.maximum(np.asarray(sd, float), 1e-12)
+    f = np.zeros_like(err) if flip is None else np.clip(np.nan_to_num(np.asarray(flip, float)), 0.0, 1.0)
+    other = np.remainder(err, 2 * math.pi) - math.pi            # distance from angle + pi
+    weights = (1.0 - f, f)
+    density = sum(w * norm.pdf(u / sd) / sd for w, u in zip(weights, (err, other)))
+    mass = np.zeros_like(err)
+    for w in weights:
+        # Where this branch alone is denser than at the error: |u| <= k sd.
+        ratio = np.divide(w, sd * math.sqrt(2 * math.pi) * density, out=np.zeros_like(err), where=density > 0)
+        k = np.sqrt(2 * np.log(np.maximum(ratio, 1.0)))
+        mass += w * (2 * norm.cdf(k) - 1)
+    return np.where(density > 0, mass, 1.0)
+
+
+def angle_inside(err: np.ndarray, sd: np.ndarray, flip: np.ndarray | None, level: float) -> np.ndarray:
+    """Whether the true angle lies in the reported ``level`` interval (see :func:`angle_interval_mass`)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    return angle_interval_mass(err, sd, flip) <= level
