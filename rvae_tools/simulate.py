@@ -741,3 +741,67 @@ def run(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"simulate": (configure_parser, run)}
+
+
+# --------------------------------------------------------------------------- 3D bodies in projection
+#
+# Particles that tilt out of the image plane: a 3D body made of isotropic Gaussian blobs,
+# seen along the viewing axis. The projection of a blob (amplitude a, sd s, centre c) is the
+# 2D Gaussian a s sqrt(2 pi) exp(-|p - c_xy|^2 / (2 s^2)), so windows are exact (no voxels).
+# Quaternion conventions: rvae_tools.rvae.so3 (w, x, y, z; body -> lab; lab z = viewing axis).
+
+#: Blob bodies (centre x, y, z in units of the body's half length; sd and amplitude).
+BODIES_3D: dict[str, dict[str, list]] = {
+    # A 3D "F": a long stem along body x, two unequal arms along +y and one knob along +z, so
+    # it has no rotational symmetry and is chiral (its mirror image is not a rotation of it).
+    "asymmetric": {
+        "centres": [[-1.0, 0, 0], [-0.6, 0, 0], [-0.2, 0, 0], [0.2, 0, 0], [0.6, 0, 0], [1.0, 0, 0],
+                    [1.0, 0.4, 0], [1.0, 0.8, 0], [0.2, 0.4, 0], [-0.6, 0, 0.45]],
+        "sd": [0.16] * 6 + [0.16, 0.16, 0.16, 0.2],
+        "amplitude": [1.0] * 6 + [1.0, 1.0, 1.0, 1.2],
+    },
+    # A rod along body x, the same at both ends.
+    "rod": {
+        "centres": [[u, 0, 0] for u in np.linspace(-1, 1, 11)],
+        "sd": [0.14] * 11,
+        "amplitude": [1.0] * 11,
+    },
+}
+#: The body axis whose tilt out of the image plane is reported (body x for both bodies).
+BODY_AXIS_3D = (1.0, 0.0, 0.0)
+
+
+def body_3d(kind: str, half_length: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blob centres (m, 3) px, sds (m,) px and amplitudes (m,) of a 3D body of ``half_length`` px."""
+    if kind not in BODIES_3D:
+        raise InputError(f"3D body {kind!r} is unknown; expected one of {', '.join(BODIES_3D)}")
+    if not half_length > 0:
+        raise InputError(f"3D body half length {half_length!r} px; expected > 0")
+    b = BODIES_3D[kind]
+    centres = np.asarray(b["centres"], dtype=np.float64)
+    centres = centres - centres.mean(0)
+    return centres * half_length, np.asarray(b["sd"]) * half_length, np.asarray(b["amplitude"], dtype=np.float64)
+
+
+def project_body_3d(body: tuple[np.ndarray, np.ndarray, np.ndarray], quaternions: np.ndarray, window: int,
+                    shifts: np.ndarray | None = None) -> np.ndarray:
+    """Windows (n, window, window) of a 3D body at poses ``quaternions`` (n, 4), projected along z.
+
+    The body's origin lands on the window centre (pixel ``(window - 1) / 2``) plus ``shifts``
+    (n, 2) px (dx along columns, dy along rows). Peak intensity is about 1 for a flat body.
+    """
+    from .rvae import so3
+
+    centres, sd, amp = body
+    rot = so3.to_matrix(np.atleast_2d(quaternions))
+    n = rot.shape[0]
+    shifts = np.zeros((n, 2)) if shifts is None else np.asarray(shifts, dtype=np.float64).reshape(n, 2)
+    px = np.arange(window) - (window - 1) / 2
+    lab = np.einsum("nij,mj->nmi", rot, centres)                                  # (n, m, 3)
+    cx = lab[..., 0] + shifts[:, None, 0]
+    cy = lab[..., 1] + shifts[:, None, 1]
+    weight = amp * sd * np.sqrt(2 * np.pi)
+    norm = 1.0 / weight.max()
+    gx = np.exp(-(px[None, None, :] - cx[..., None]) ** 2 / (2 * sd[None, :, None] ** 2))   # (n, m, W)
+    gy = np.exp(-(px[None, None, :] - cy[..., None]) ** 2 / (2 * sd[None, :, None] ** 2))
+    return np.einsum("m,nmy,nmx->nyx", weight * norm, gy, gx).astype(np.float32)

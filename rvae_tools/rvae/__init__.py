@@ -4,7 +4,8 @@ Modules: :mod:`.networks` (encoders and coordinate decoders), :mod:`.losses` (KL
 likelihoods), :mod:`.model` (:class:`RVAE`), :mod:`.trainer` (the training loop, for any model
 with the documented methods), :mod:`.checkpoint` (reading and checking checkpoints, the resume
 fingerprint), :mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE,
-Gaussian mixture), :mod:`.semisupervised` (class latents: ssrvae, conditional, ssvae).
+Gaussian mixture), :mod:`.semisupervised` (class latents: ssrvae, conditional, ssvae), :mod:`.rvae3d`
+(out-of-plane orientation: a 3D rotation latent) with :mod:`.so3` (quaternions, SO(3) grid).
 """
 
 from .model import RVAE, wrap_angle
@@ -17,6 +18,10 @@ def build_model(settings: dict, window_size):
     from .semisupervised import CLASS_MODELS, ClassRVAE
 
     kind = settings.get("model", "rvae")
+    if kind == "rvae3d":
+        from .rvae3d import RVAE3D
+
+        return RVAE3D.from_settings(settings, window_size)
     if kind in CLASS_MODELS:
         return ClassRVAE.from_settings(settings, window_size)
     if kind == "gmm":
@@ -37,6 +42,10 @@ def load_model(path, **expect):
     from .semisupervised import CLASS_MODELS, ClassRVAE
 
     kind = read_checkpoint(path)["kind"]
+    if kind == "rvae3d":
+        from .rvae3d import RVAE3D
+
+        return RVAE3D.load(path, **expect)
     if kind == "gmm":
         return WindowGMM.load(path, **expect)
     if kind == "vae":

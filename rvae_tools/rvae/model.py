@@ -503,6 +503,9 @@ class RVAE:
             raise InputError(f"{source}: not an rvae-tools model checkpoint (format {payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})")
         if payload.get("kind") == "gmm":
             raise InputError(f"{source}: checkpoint holds a Gaussian mixture, not a neural model (use load_model)")
+        if payload.get("kind") == "rvae3d" and getattr(cls, "KIND", None) != "rvae3d":
+            raise InputError(f"{source}: checkpoint holds an rvae3d model (3D rotation latent), not a "
+                             f"{payload['config'].get('model', 'rvae')!r}-style in-plane model; load it with rvae.model: rvae3d")
         config = dict(payload["config"])
         window_size = tuple(config.pop("window_size"))
         try:
