@@ -1,0 +1,76 @@
+"""Real-data scoring of bench/realdata.py: its reference conventions, and the detector on real rods."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RODS = ROOT.parent / "shared" / "data" / "omnipose_rods"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("realdata_bench", ROOT / "bench" / "realdata.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ellipses(angles_deg, shape=(120, 160)):
+    """A label image of filled ellipses (24 x 8 px) at known angles, drawn with +x = column, +y = row."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    labels = np.zeros(shape, np.int32)
+    centres = [(30 + 50 * (k % 3), 30 + 60 * (k // 3)) for k in range(len(angles_deg))]
+    for k, ((cx, cy), a) in enumerate(zip(centres, np.radians(angles_deg))):
+        u = (xx - cx) * np.cos(a) + (yy - cy) * np.sin(a)
+        v = -(xx - cx) * np.sin(a) + (yy - cy) * np.cos(a)
+        labels[(u / 12) ** 2 + (v / 4) ** 2 <= 1] = k + 1
+    return labels, centres
+
+
+def test_mask_reference_reads_known_angles_centres_and_sizes():
+    bench = _bench()
+    angles = [0, 30, 60, 90, 120, 150]
+    labels, centres = _ellipses(angles)
+    ref = bench.mask_reference(labels)
+    assert np.allclose(ref[["x", "y"]].to_numpy(), centres, atol=0.05)
+    # Angles modulo pi, from +x towards +y (image rows pointing down).
+    delta = np.angle(np.exp(2j * (ref["orientation"].to_numpy() - np.radians(angles)))) / 2
+    assert np.degrees(np.abs(delta)).max() < 1.0
+    assert ref["length"].median() == pytest.approx(24, abs=1.5)
+    assert ref["width"].median() == pytest.approx(8, abs=1.5)
+
+
+def test_orientation_consistency_rewards_alignment_and_punishes_an_offset():
+    bench = _bench()
+    labels, _ = _ellipses([10, 50, 100, 170])
+    ref = bench.mask_reference(labels)
+    same = ref.copy()
+    assert bench.orientation_consistency(ref, same, 3.0) == (pytest.approx(1.0), 4)
+    turned = ref.assign(orientation=ref["orientation"] + np.pi / 2)
+    assert bench.orientation_consistency(ref, turned, 3.0)[0] == pytest.approx(-1.0)
+    flipped = ref.assign(orientation=ref["orientation"] + np.pi)  # an axis has no head: modulo pi
+    assert bench.orientation_consistency(ref, flipped, 3.0)[0] == pytest.approx(1.0)
+    far = ref.assign(x=ref["x"] + 10)
+    assert bench.orientation_consistency(ref, far, 3.0) == (pytest.approx(float("nan"), nan_ok=True), 0)
+
+
+@pytest.mark.skipif(not RODS.exists(), reason="real data not available")
+def test_classical_detector_on_a_real_dense_colony_crop():
+    """A plain movie entry on a real phase-contrast colony: dark cells, axes along the masks' ellipses.
+
+    Detection F1 on this colony is far from the issue's 0.90 target (see bench/realdata.py); the
+    floor here guards what holds now: the orientation of the cells it does find.
+    """
+    import tifffile
+
+    bench = _bench()
+    image = tifffile.imread(RODS / "ec_5I_t141xy5c1.tif").astype(np.float64)
+    masks = tifffile.imread(RODS / "masks" / "ec_5I_t141xy5c1_cp_masks.tif")
+    s = bench.score_rods(image, masks)
+    assert s["polarity_dark"] == 1.0
+    assert s["pairs"] >= 80 and s["orientation"] >= 0.9
+    assert s["f1"] >= 0.6
