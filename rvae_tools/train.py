@@ -43,14 +43,14 @@ def train(patches: list[str | Path], output: str | Path, settings: dict, *, devi
     """Train on the windows of ``patches`` (patches.zarr stores) and save the model at ``output``.
 
     ``labels`` (a CSV/Parquet labels file, see :mod:`rvae_tools.labels`) trains the class models
-    (``rvae.model`` ssrvae, ssvae); ``movies`` names the stores in the labels'
+    (``rvae.model`` ssrvae, ssvae; jrvae takes none); ``movies`` names the stores in the labels'
     movie column (default: each store's folder name); ``checkpoints``: the per-epoch checkpoint
     folder (default :func:`checkpoint_dir_for`). Returns the trained model; its ``checksum`` is
     the SHA-256 of ``output``.
     """
     from .rvae import build_model
     from .rvae.data import WindowSource
-    from .rvae.semisupervised import CLASS_MODELS
+    from .rvae.semisupervised import CLASS_MODELS, UNSUPERVISED_MODELS
 
     if not patches:
         raise InputError("no patches.zarr store was given; expected at least one")
@@ -58,7 +58,11 @@ def train(patches: list[str | Path], output: str | Path, settings: dict, *, devi
         raise InputError(f"--labels-movie: {len(movies)} movie name(s) for {len(patches)} patches store(s); expected one per store")
     source = WindowSource([str(p) for p in patches], memory_mb=float(settings["memory_mb"]))
     fit_labels, names = None, None
-    if settings["model"] in CLASS_MODELS and labels is not None:
+    if settings["model"] in UNSUPERVISED_MODELS:
+        if labels is not None:
+            raise InputError(f"{labels}: rvae.model {settings['model']} finds its classes without labels; expected "
+                             "no labels file (rvae.model ssrvae learns from labels)")
+    elif settings["model"] in CLASS_MODELS and labels is not None:
         from .labels import read_labels, store_index, window_labels
 
         stores = [store_index(p, m) for p, m in zip(patches, movies or [None] * len(patches))]

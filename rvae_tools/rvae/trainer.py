@@ -221,6 +221,9 @@ def fit(model, windows, *, epochs: int | None = None, batch_size: int | None = N
             beta = float(s["kl_weight"])
             for _, block in source.iter_batches(train_idx, batch_size, rng):
                 beta = float(s["kl_weight"]) * (min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
+                # Epochs done, for models with their own schedules (jrvae's fading guide); a
+                # function of the step only, so a resumed run sees what an uninterrupted one did.
+                model.train_progress = (step + 1) / steps_per_epoch
                 xb = torch.from_numpy(block)
                 if pin:
                     xb = xb.pin_memory()
