@@ -21,28 +21,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from realdata import detect_as_user  # bench/ is the script's folder, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 RODS = ROOT.parent / "shared" / "data" / "omnipose_rods"
-
-
-def _detect(frames: dict[int, np.ndarray]):
-    from rvae_tools.config import validate_section
-    from rvae_tools.inspect import inspect_frames, resolve_settings
-    from rvae_tools.segment import segment_movie
-
-    inspection, _ = inspect_frames(frames)
-    settings, _ = resolve_settings("segment", validate_section("segment", {}), inspection)
-    movie = np.stack([frames[i] for i in sorted(frames)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        det, _ = segment_movie(movie, settings)
-    return inspection, det
 
 
 def main() -> int:
@@ -69,7 +55,7 @@ def main() -> int:
             ref = pd.DataFrame({"frame": 0, "x": [p.centroid[1] for p in props], "y": [p.centroid[0] for p in props]})
             width = float(np.median([p.axis_minor_length for p in props]))
             length = float(np.median([p.axis_major_length for p in props]))
-            inspection, det = _detect({0: image})
+            inspection, det = detect_as_user({0: image})
             sc = detection_scores(det, ref, 0.5 * width)
             tp, fp, fn = tp + sc["tp"], fp + sc["fp"], fn + sc["fn"]
             report(f"omnipose_{tif.stem}_f1", sc["f1"])
@@ -90,7 +76,7 @@ def main() -> int:
         movie = sim.movie.astype(np.float64)
         if dark:
             movie = 2 * np.median(movie) - movie
-        inspection, det = _detect({i: movie[i] for i in range(len(movie))})
+        inspection, det = detect_as_user({i: movie[i] for i in range(len(movie))})
         width = species[0].get("width", species[0]["length"])
         sc = detection_scores(det, sim.truth, 0.5 * min(width, species[0]["length"]))
         report(f"sim_{name}_f1", sc["f1"])

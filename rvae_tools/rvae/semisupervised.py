@@ -30,6 +30,7 @@ over ``class_init_epochs``), and ``class_balance * KL(batch mean of q || initial
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -51,6 +52,8 @@ from .networks import (
     build_decoder,
     build_encoder,
 )
+
+log = logging.getLogger(__name__)
 
 #: Values of ``rvae.model`` that have a class latent.
 CLASS_MODELS = ("ssrvae", "ssvae", "jrvae")
@@ -425,14 +428,12 @@ class ClassRVAE(RVAE):
         source = LabelledWindows(windows, labels, memory_mb=float(self.settings["memory_mb"]))
         check_label_coverage(source.labels, self.classes, self.settings, self.class_names)
         if self.settings["model"] in UNSUPERVISED_MODELS and float(self.settings["class_init_epochs"]) > 0:
-            import logging
-
             # Without labels, where the classifier starts decides what it finds: a mixture on
             # rotation-invariant descriptors of the windows themselves is the starting point.
             source.guide = initial_classes(source.descriptors(), self.classes, int(self.settings["seed"]))
             self._class_prior = torch.from_numpy(source.guide.mean(0).clip(1e-3)).float()
             agree = self._fit_classifier_to_guide(source, device=kwargs.get("device", "auto"))
-            logging.getLogger(__name__).info(
+            log.info(
                 "jrvae: initial classes from a mixture on invariant window descriptors (fractions %s); "
                 "the classifier agrees with them on %.3f of the windows before training",
                 ", ".join(f"{v:.3f}" for v in source.guide.mean(0)), agree)
