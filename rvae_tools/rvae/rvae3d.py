@@ -63,17 +63,7 @@ MODEL_KIND = "rvae3d"
 MIN_WINDOW = 8
 
 
-# --------------------------------------------------------------------------- rotations (torch)
-
-
-def quat_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices (..., 3, 3) of quaternions (..., 4) (w, x, y, z), normalised first."""
-    q = q / q.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    w, x, y, z = q.unbind(-1)
-    return torch.stack([
-        torch.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)], -1),
-        torch.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
-        torch.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1)], -2)
+# --------------------------------------------------------------------------- sampling (torch)
 
 
 def _trilinear(vol: torch.Tensor, pos: torch.Tensor, size: int) -> torch.Tensor:
