@@ -2,17 +2,18 @@
 """Coverage of the rVAE's per-window intervals (angle, dx, dy) on simulated windows with known truth.
 
 A simulated movie (two species: a 2-fold rod and a 1-fold tadpole, uniformly random
-orientations); windows cut around the true positions, each displaced by a known random jitter
-of up to 1.5 px (the windows of ``bench/rvae.py``; detection error stands in for a detector:
-``trackpy.locate`` splits the simulated rods, so its detections do not match the truth one to
-one); the rVAE trained (default settings) on 75 % of them and every window encoded with
-``encode_method`` fast and exact. The spread calibration of ``encode``
-(``rvae_tools.rvae.uncertainty``: known rotations and shifts of windows, no truth) is fitted on
-training windows; coverage is scored on the held-out 25 %, with the model's own spreads and
-with the calibrated ones.
+orientations) goes through the detector as a user's movie would (``rvae_tools.segment`` with
+every setting at ``auto``, as ``bench/realdata.py`` runs it); each detection is paired with
+the nearest true particle (one to one, within 3 px; unpaired detections have no truth and
+are counted, not scored) and its window is cut at the DETECTED position, so the shift to be
+found is the detector's own error. The rVAE is trained (default settings) on 75 % of the
+windows and every window encoded with ``encode_method`` fast and exact. The spread
+calibration of ``encode`` (``rvae_tools.rvae.uncertainty``: known rotations and shifts of
+windows, no truth) is fitted on training windows; coverage is scored on the held-out 25 %,
+with the model's own spreads and with the calibrated ones.
 
 Truth: the true angle (``truth.parquet``) and the true shift = true position - window
-centre (px). The model's angle has an arbitrary origin and sense relative to the truth (its
+centre (the detection; px). The model's angle has an arbitrary origin and sense relative to the truth (its
 canonical template is learned), so per species the sense s = +/-1 and one constant offset are
 fitted first (on the training windows), as the lab-frame calibration does.
 
@@ -44,12 +45,53 @@ from rvae_tools.rvae.uncertainty import angle_inside
 LEVELS = (0.68, 0.95)
 
 
-def jittered_windows(frames: int, particles: int, size: int, jitter: float, seed: int) -> dict:
-    """Windows cut around the true positions displaced by a known random jitter (``bench/rvae.py``'s data)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from rvae import make_windows
+def detected_windows(frames: int, particles: int, size: int, seed: int) -> dict:
+    """Windows cut at the detector's positions in a simulated movie, with the paired truth.
 
-    return make_windows(frames, particles, size, jitter, seed)
+    Returns the windows (normalised as ``bench/rvae.py``'s: movie percentiles 1 and 99.9 to 0
+    and 1), the true class, angle and shift (true position - window centre, px) of each, the
+    species' names and symmetry orders, and the detection counts.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from realdata import detect_as_user
+
+    from rvae_tools.config import validate_section
+    from rvae_tools.segment.metrics import match_points
+    from rvae_tools.simulate import simulate
+    from rvae_tools.windows import cut_windows, inside_frame
+
+    settings = validate_section("simulate", {"frames": frames, "n_particles": particles,
+                                             "transition": {"frame": None}})
+    settings["seed"] = seed
+    sim = simulate(settings)
+    truth = sim.truth
+    _, det = detect_as_user({i: sim.movie[i] for i in range(sim.movie.shape[0])})
+    true_xy = truth[["x", "y"]].to_numpy()
+    wins, rows, centres = [], [], []
+    n_edge = 0
+    for f in range(sim.movie.shape[0]):
+        here = np.nonzero(truth["frame"].to_numpy() == f)[0]
+        found = det[det["frame"] == f]
+        ti, di = match_points(true_xy[here], found[["x", "y"]].to_numpy(), 3.0)
+        cx, cy = found["x"].to_numpy()[di], found["y"].to_numpy()[di]
+        keep = inside_frame(cx, cy, size, sim.movie.shape[1:])
+        n_edge += int((~keep).sum())
+        wins.append(cut_windows(sim.movie[f], cx[keep], cy[keep], size))
+        rows.append(here[ti[keep]])
+        centres.append(np.stack([cx[keep], cy[keep]], 1))
+    rows = np.concatenate(rows)
+    x = np.concatenate(wins)
+    lo, hi = np.percentile(sim.movie, [1.0, 99.9])
+    species = sim.metadata["species"]
+    return {
+        "windows": ((x - lo) / (hi - lo)).astype(np.float32),
+        "cls": truth["cls"].to_numpy()[rows],
+        "angle": truth["angle"].to_numpy()[rows],
+        "shift": true_xy[rows] - np.concatenate(centres),
+        "symmetry": [int(s["symmetry"]) for s in species],
+        "names": [s["name"] for s in species],
+        "n_true": len(truth), "n_detected": len(det), "n_paired": len(rows) + n_edge, "n_at_edge": n_edge,
+    }
 
 
 def wrap(a: np.ndarray, period: float) -> np.ndarray:
@@ -97,7 +139,6 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=40, help="simulated frames (default 40)")
     parser.add_argument("--particles", type=int, default=80, help="particles in view (default 80)")
     parser.add_argument("--window", type=int, default=32, help="window side, px (default 32)")
-    parser.add_argument("--jitter", type=float, default=1.5, help="max |offset| of a window centre from the particle, px")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs (default 15, the config default)")
     parser.add_argument("--calibration-windows", type=int, default=512,
                         help="training windows the spread calibration is fitted on (default 512, the config default)")
@@ -114,14 +155,16 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    data = jittered_windows(args.frames, args.particles, args.window, args.jitter, args.seed)
+    data = detected_windows(args.frames, args.particles, args.window, args.seed)
     x = data["windows"]
     train, test = split_indices(len(x), 0.75, args.seed)
-    print(f"{len(x)} windows at jittered true positions ({len(train)} train, {len(test)} held out); "
-          f"data in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"{data['n_detected']} detections of {data['n_true']} true particles, {data['n_paired']} paired "
+          f"({data['n_at_edge']} too close to the edge for a window); {len(x)} windows at the detected "
+          f"positions ({len(train)} train, {len(test)} held out); data in {time.perf_counter() - t0:.0f} s", flush=True)
     model = RVAE(x.shape[1], latent_dim=2, seed=args.seed)
     model.fit(x[train], epochs=args.epochs, device="cpu", progress=False)
-    figures: dict[str, float] = {"n_windows": len(x), "n_held_out": len(test), "epochs": args.epochs}
+    figures: dict[str, float] = {"n_windows": len(x), "n_held_out": len(test), "epochs": args.epochs,
+                                 **{key: data[key] for key in ("n_true", "n_detected", "n_paired", "n_at_edge")}}
     ok = True
     rng = np.random.default_rng(args.seed)
     cal_idx = np.sort(rng.choice(train, size=min(args.calibration_windows, len(train)), replace=False))

@@ -269,7 +269,8 @@ def encode_patches(
         "model_config": json.dumps(model_config, sort_keys=True, default=str),
         "encode_method": method or model_config.get("encode_method", "exact"),
         "uncertainty": ("angle_sd, dx_sd, dy_sd: the model's spread (rotation posterior within the angle's "
-                        "half-circle plus the likelihood's curvature at the encoded pose) calibrated as "
+                        "half-circle plus the likelihood's curvature at the encoded pose, counting the residual's "
+                        "spatial correlation) calibrated as "
                         "sqrt((scale sd)^2 + floor^2), fitted on a sample of these windows rotated and moved "
                         "by known amounts (spread_calibration; rvae_tools.rvae.uncertainty); flip_prob: "
                         "posterior mass of the other half-circle; z_sd: the encoder's variational spread"),

@@ -20,6 +20,7 @@ from . import losses
 from .checkpoint import FORMAT, FORMAT_VERSION, check_compatible, read_checkpoint
 from .networks import NoPoseEncoder, TemplateDecoder, build_decoder, build_encoder
 from .trainer import fit as _fit
+from .uncertainty import pose_covariance
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "RVAE", "check_compatible", "read_checkpoint", "wrap_angle"]
 #: nats per squared pixel of template-centroid offset (see RVAE.loss).
@@ -393,11 +394,11 @@ class RVAE:
                  background: torch.Tensor) -> torch.Tensor:
         """Variances (B, 3) of (angle rad, dx, dy grid units) from the likelihood's local curvature.
 
-        A Gauss-Newton (Laplace) approximation at the reported pose: the covariance is
-        ``s^2 (J^T J)^-1`` with ``J`` the derivative of the decoded window with respect to
-        (angle, dx, dy) (forward differences) and ``s^2`` the window's own residual variance,
-        so a window the model fits badly gets wide intervals. Costs four decodings of one
-        rotation per window.
+        A Gauss-Newton (Laplace) approximation at the reported pose with ``J`` the derivative
+        of the decoded window with respect to (angle, dx, dy) (forward differences) and the
+        window's own residual, whose spatial correlation is counted
+        (:func:`.uncertainty.pose_covariance`), so a window the model fits badly gets wide
+        intervals. Costs four decodings of one rotation per window.
         """
         eps_a, eps_t = 1e-2, 0.05 * self.pixel
         th = theta[:, None]
@@ -414,15 +415,9 @@ class RVAE:
             images = [torch.sigmoid(im) for im in images]
         mean = images[0] + background[:, None, None]
         jac = torch.stack([(images[1] - images[0]) / eps_a, (images[2] - images[0]) / eps_t,
-                           (images[3] - images[0]) / eps_t], -1).flatten(1, 2)      # (B, P, 3)
-        mask = torch.isfinite(x).flatten(1).float()
-        resid = (torch.nan_to_num(x).flatten(1) - mean.flatten(1)) * mask
-        dof = (mask.sum(1) - 3).clamp(min=1)
-        s2 = (resid ** 2).sum(1) / dof
-        jtj = torch.einsum("bpi,bpj,bp->bij", jac, jac, mask)
-        jtj = jtj + 1e-6 * torch.eye(3, device=x.device) * jtj.diagonal(dim1=1, dim2=2).mean(1)[:, None, None].clamp(min=1e-12)
-        cov = torch.linalg.inv(jtj) * s2[:, None, None]
-        return cov.diagonal(dim1=1, dim2=2).clamp(min=0)
+                           (images[3] - images[0]) / eps_t], 1)                      # (B, 3, H, W)
+        mask = torch.isfinite(x).float()
+        return pose_covariance(jac, (torch.nan_to_num(x) - mean) * mask, mask)
 
     def decode(self, z, angle=None, dx=None, dy=None, device: str | torch.device = "cpu") -> np.ndarray:
         """Images (n, wy, wx) of content ``z`` (n, k) at ``angle`` (rad) and shifts (px); None = 0."""
