@@ -191,8 +191,6 @@ def encode_patches(
     seed = (settings or {}).get("seed")
     if seed is None:
         seed = model_config.get("seed", patches.attrs.get("seed", 0))
-    calibration = _fit_calibration(model, window, patches_path, particle, frame, settings, seed,
-                                   batch_size=batch_size, device=device, method=method)
     block = max(int(chunks[0]), batch_size or 0)
     bar = tqdm(total=n_obs, unit="win", desc="encode", file=sys.stderr, disable=not progress,
                mininterval=1.0 if sys.stderr.isatty() else 15.0)
@@ -201,7 +199,6 @@ def encode_patches(
             stop = min(start + block, n_obs)
             wins = _read_windows(window, np.arange(start, stop), patches_path, particle, frame)
             out = _encode_windows(model, wins, batch_size=batch_size, device=device, method=method)
-            out = apply_calibration(out, calibration)
             rows, cols = pi[start:stop], fi[start:stop]
             for name, value in out.items():
                 value = np.asarray(value)
@@ -271,16 +268,19 @@ def encode_patches(
         "uncertainty": ("angle_sd, dx_sd, dy_sd: the model's spread (rotation posterior within the angle's "
                         "half-circle plus the likelihood's curvature at the encoded pose, counting the residual's "
                         "spatial correlation) calibrated as "
-                        "sqrt((scale sd)^2 + floor^2), fitted on a sample of these windows rotated and moved "
-                        "by known amounts (spread_calibration; rvae_tools.rvae.uncertainty); flip_prob: "
-                        "posterior mass of the other half-circle; z_sd: the encoder's variational spread"),
+                        "sqrt((scale sd)^2 + floor^2), fitted per species on a sample of its windows rotated and "
+                        "moved by known amounts (spread_calibration; rvae_tools.rvae.uncertainty); flip_prob: "
+                        "posterior mass of the other half-circle, for a species whose ends differ tempered to "
+                        "predict how often a window and its rotated copy disagree on the end; z_sd: the "
+                        "encoder's variational spread calibrated by the misses of z under the same transforms"),
         "patches_config_hash": patches.attrs.get("config_hash", ""),
         "movie_sha256": patches.attrs.get("movie_sha256", ""),
     })
-    if calibration:
-        attrs["spread_calibration"] = json.dumps(calibration, sort_keys=True)
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
     ds = lab_frame(ds, model, settings, patches=patches, index=(pi, fi))
+    # After the species are known: each species' windows miss by their own amounts.
+    ds = _calibrate_spreads(ds, model, window, patches_path, particle, frame, (pi, fi), settings, seed,
+                            batch_size=batch_size, device=device, method=method)
     encoding = {name: {"chunks": _chunks(ds[name].shape)} for name in ds.data_vars}
     write_zarr(ds, output, encoding=encoding, provenance=provenance_attrs(
         settings=settings if settings is not None else model_config, seed=seed,
@@ -292,20 +292,63 @@ def encode_patches(
     return ds
 
 
-def _fit_calibration(model, window, patches_path, particle, frame, settings, seed, **encode_kwargs):
-    """The spread calibration fitted on a seeded sample of the windows (None: off, or no pose latents)."""
+#: Fewest windows of a species for a calibration of its own (fewer: the pooled calibration).
+MIN_SPECIES_WINDOWS = 50
+
+
+def _calibrate_spreads(ds, model, window, patches_path, particle, frame, index, settings, seed, **encode_kwargs):
+    """``ds`` with ``angle_sd``, ``dx_sd``, ``dy_sd``, ``z_sd`` and ``flip_prob`` calibrated per species.
+
+    Each species with at least :data:`MIN_SPECIES_WINDOWS` windows gets a calibration fitted on
+    a seeded sample of its own windows (``flip_prob`` too when its symmetry order is odd: its two
+    ends differ); windows of other species, or of none, get the one fitted on a sample of all
+    windows. Attr ``spread_calibration`` (JSON) holds the pooled fit and ``species``: one per
+    species. Unchanged when ``calibration_windows`` is 0 or the model has no pose latents.
+    """
     n_cal = int((settings or {}).get("calibration_windows", 512))
     if n_cal == 0 or getattr(model, "settings", {}).get("model", "rvae") != "rvae":
-        return None
+        return ds
+    pi, fi = index
     rng = np.random.default_rng(seed)
     n = int(window.shape[0])
-    sel = np.sort(rng.choice(n, size=min(n_cal, n), replace=False))
-    wins = _read_windows(window, sel, patches_path, particle, frame)
-    calibration = fit_calibration(lambda w: _encode_windows(model, w, **encode_kwargs), wins, seed=int(seed))
-    log.info("encode: spreads calibrated on %d windows (angle x%.3g + %.3g rad, shift x%.3g + %.3g grid px)",
-             sel.size, calibration["angle"]["scale"], calibration["angle"]["floor"],
-             calibration["shift"]["scale"], calibration["shift"]["floor"])
-    return calibration
+    labels = np.asarray(ds["species"].values)[pi] if "species" in ds.coords else np.full(n, -1)
+    symmetry = list(ds.attrs.get("species_symmetry", []))
+    names = [e.get("name") for e in json.loads(ds.attrs.get("species", "[]"))]
+
+    def fit(rows, flip=False):
+        sel = np.sort(rng.choice(rows, size=min(n_cal, rows.size), replace=False))
+        wins = _read_windows(window, sel, patches_path, particle, frame)
+        return fit_calibration(lambda w: _encode_windows(model, w, **encode_kwargs), wins, seed=int(seed), flip=flip)
+
+    pooled = fit(np.arange(n))
+    per_window = np.full(n, -1)
+    fits = []
+    for k, order in enumerate(symmetry):
+        rows = np.nonzero(labels == k)[0]
+        if rows.size < MIN_SPECIES_WINDOWS or order == 0:
+            continue
+        cal = fit(rows, flip=int(order) % 2 == 1)
+        cal["species"] = names[k] if k < len(names) else k
+        per_window[rows] = len(fits)
+        fits.append(cal)
+    names_sd = ("angle_sd", "dx_sd", "dy_sd", "flip_prob", "z_sd")
+    grids = {name: np.array(ds[name].values, copy=True) for name in names_sd if name in ds}
+    for j, cal in enumerate([pooled, *fits]):
+        rows = per_window == j - 1
+        if not rows.any():
+            continue
+        raw = {name: grid[pi[rows], fi[rows]] for name, grid in grids.items()}
+        for name, value in apply_calibration(raw, cal).items():
+            grids[name][pi[rows], fi[rows]] = value
+        log.info("encode: spreads of %s calibrated on %d windows (angle x%.3g + %.3g rad, shift x%.3g + %.3g px%s)",
+                 "the other windows" if j == 0 else f"species {cal['species']}", cal["n_windows"],
+                 cal["angle"]["scale"], cal["angle"]["floor"], cal["shift"]["scale"], cal["shift"]["floor"],
+                 f", flip temperature {cal['flip']['temperature']:.3g}" if "flip" in cal else "")
+    ds = ds.copy()
+    for name, grid in grids.items():
+        ds[name] = (ds[name].dims, grid, ds[name].attrs)
+    ds.attrs["spread_calibration"] = json.dumps({**pooled, "species": fits}, sort_keys=True)
+    return ds
 
 
 def _encode_windows(model: Any, wins: np.ndarray, *, batch_size, device, method) -> dict[str, np.ndarray]:

@@ -113,6 +113,14 @@ def test_latents_follow_the_contract(movie_dir, tmp_path):
     assert ds.attrs["seed"] == 0
     calibration = json.loads(ds.attrs["spread_calibration"])
     assert calibration["n_windows"] == ds.attrs["n_windows"] and calibration["angle"]["scale"] >= 0
+    # Both species have fewer windows than a calibration of their own needs: the pooled one
+    # applies to every window, z_sd included.
+    assert calibration["species"] == [] and len(calibration["z"]) == ds.sizes["latent"]
+    from rvae_tools.rvae.uncertainty import apply_calibration
+
+    expected = apply_calibration(direct, calibration)
+    for name in ("angle_sd", "dx_sd", "dy_sd", "z_sd"):
+        assert np.allclose(ds[name].values[p, f], expected[name], rtol=1e-4), name
 
 
 def test_cli_with_settings_and_mismatched_checkpoints(movie_dir, tmp_path, capsys):

@@ -123,3 +123,23 @@ def test_pose_spread_matches_the_scatter_of_fits_to_correlated_noise():
     # Standardised errors of single draws: the nominal 95 % interval holds about 95 %.
     covered = np.abs(est) <= 1.96 * np.sqrt(reported)
     assert abs(covered.mean() - 0.95) < 0.04
+
+
+def test_flip_temperature_recovers_an_overconfident_posterior():
+    """Pairs that pick the wrong end independently with known rates; the reported flip_prob is
+    the true rate made three times too confident (log-odds x 3); the fit must undo it."""
+    from rvae_tools.rvae.uncertainty import _fit_flip_temperature
+
+    rng = np.random.default_rng(4)
+    n = 20000
+    logit = rng.normal(-1.5, 1.0, n)
+    p_true = 1 / (1 + np.exp(-logit))
+    reported_a = 1 / (1 + np.exp(-3 * logit))
+    reported_b = 1 / (1 + np.exp(-3 * (logit + rng.normal(0, 0.1, n))))
+    disagree = (rng.random(n) < p_true) != (rng.random(n) < p_true)
+    fit = _fit_flip_temperature(reported_a, reported_b, disagree)
+    assert 2.4 < fit["temperature"] < 3.7, fit
+    out = apply_calibration({"flip_prob": reported_a, "angle_sd": np.ones(n), "dx_sd": np.ones(n), "dy_sd": np.ones(n)},
+                            {"angle": {"scale": 1, "floor": 0}, "shift": {"scale": 1, "floor": 0}, "flip": fit})
+    assert abs(out["flip_prob"].mean() - p_true.mean()) < 0.02
+    assert abs(reported_a.mean() - p_true.mean()) > 0.03      # the test's premise: visibly overconfident

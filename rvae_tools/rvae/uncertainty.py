@@ -12,7 +12,10 @@ windows measure the encoding error. Per quantity a variance model
 is fitted so that the intervals of the misses (each has the variance of two windows) hold
 68 % and 95 % of them.
 Misses beyond pi/2 in angle are the other end of the particle (or a symmetry), counted by
-``flip_prob``, and are left out of the angle fit.
+``flip_prob``, and are left out of the angle fit; for a species whose ends differ they
+calibrate ``flip_prob`` itself (a temperature on its log-odds). ``z`` must not change at all
+under these transforms, so its misses calibrate ``z_sd`` the same way. Fitted per species
+by ``encode`` (each species' windows have their own error).
 """
 
 from __future__ import annotations
@@ -136,11 +139,53 @@ def _fit_variance(miss: np.ndarray, model_var: np.ndarray) -> dict[str, float]:
     return {"scale": best[1], "floor": best[2], "n": int(miss.size), "pair_coverage_error": best[0]}
 
 
-def fit_calibration(encode, windows: np.ndarray, seed: int = 0) -> dict[str, Any]:
+def _fit_flip_temperature(flip_a: np.ndarray, flip_b: np.ndarray, disagree: np.ndarray) -> dict[str, float]:
+    """Temperature T of ``flip' = sigmoid(logit(flip) / T)`` that best predicts which pairs disagree on the end.
+
+    A window and its rotated copy point opposite ways with probability
+    ``f_a (1 - f_b) + f_b (1 - f_a)`` when each picks the wrong end independently with its
+    ``flip_prob``; T (on a grid from 0.25 to 1000) maximises the likelihood of the observed
+    disagreements. T > 1 softens an overconfident posterior. Flips that both copies share are
+    invisible to this test, so the fitted flip_prob is a lower bound of the actual flip rate.
+    """
+    fa, fb = (np.clip(np.nan_to_num(np.asarray(f, float), nan=0.5), 1e-6, 1 - 1e-6) for f in (flip_a, flip_b))
+    d = np.asarray(disagree, bool)
+    if d.size < 10:
+        return {"temperature": 1.0, "n": int(d.size)}
+    la, lb = np.log(fa / (1 - fa)), np.log(fb / (1 - fb))
+    best = (np.inf, 1.0)
+    for t in np.geomspace(0.25, 1000.0, 121):
+        pa, pb = 1 / (1 + np.exp(-la / t)), 1 / (1 + np.exp(-lb / t))
+        p = np.clip(pa * (1 - pb) + pb * (1 - pa), 1e-9, 1 - 1e-9)
+        nll = -np.sum(np.where(d, np.log(p), np.log(1 - p)))
+        if nll < best[0]:
+            best = (nll, float(t))
+    return {"temperature": best[1], "n": int(d.size), "pair_disagreement": float(d.mean())}
+
+
+def fit_calibration(encode, windows: np.ndarray, seed: int = 0, flip: bool = False) -> dict[str, Any]:
     """Fit the spread calibration on ``windows`` (n, wy, wx) with ``encode`` (windows -> RVAE.encode dict).
 
-    Returns a JSON-able dict: ``angle`` and ``shift`` each ``{scale, floor (rad or px), n}``, and
-    ``flip_rate``: the share of transformed windows whose angle missed by more than pi/2.
+    Parameters
+    ----------
+    encode : callable
+        Windows -> the dict of :meth:`RVAE.encode`.
+    windows : ndarray (n, wy, wx)
+        A sample of the windows to calibrate for (ideally of one species).
+    seed : int
+        Seed of the known rotations and shifts.
+    flip : bool
+        Also fit the temperature of ``flip_prob`` (for a species whose two ends differ, odd
+        symmetry order; an even order's other end is a symmetry, not an error).
+
+    Returns
+    -------
+    dict
+        JSON-able: ``angle`` and ``shift`` each ``{scale, floor (rad or px), n}``; ``z`` one
+        ``{scale, floor, n}`` per content latent (z must not change under a rotation or a
+        shift, so its misses measure its spread); ``flip_rate``: the share of transformed
+        windows whose angle missed by more than pi/2; with ``flip``, ``flip`` =
+        ``{temperature, n}``.
     """
     rng = np.random.default_rng(seed)
     n = len(windows)
@@ -159,21 +204,39 @@ def fit_calibration(encode, windows: np.ndarray, seed: int = 0) -> dict[str, Any
     var_ay = (s * a["dx_sd"]) ** 2 + (c * a["dy_sd"]) ** 2
     shift = _fit_variance(np.concatenate([b["dx"] - want_x, b["dy"] - want_y]),
                           np.concatenate([var_ax + b["dx_sd"] ** 2, var_ay + b["dy_sd"] ** 2]))
-    return {"method": "self-consistency under known rotations and shifts", "angle": angle, "shift": shift,
-            "flip_rate": float(1 - same_end.mean()), "n_windows": int(n), "seed": int(seed)}
+    out = {"method": "self-consistency under known rotations and shifts", "angle": angle, "shift": shift,
+           "flip_rate": float(1 - same_end.mean()), "n_windows": int(n), "seed": int(seed)}
+    if "z" in a and np.ndim(a["z"]) == 2:
+        out["z"] = [_fit_variance(b["z"][:, j] - a["z"][:, j], a["z_sd"][:, j] ** 2 + b["z_sd"][:, j] ** 2)
+                    for j in range(np.shape(a["z"])[1])]
+    if flip and "flip_prob" in a:
+        out["flip"] = _fit_flip_temperature(a["flip_prob"], b["flip_prob"], ~same_end)
+    return out
 
 
 def apply_calibration(out: dict[str, np.ndarray], calibration: dict[str, Any] | None) -> dict[str, np.ndarray]:
-    """``out`` (an encode dict) with ``angle_sd``, ``dx_sd``, ``dy_sd`` replaced by their calibrated values."""
+    """``out`` (an encode dict) with ``angle_sd``, ``dx_sd``, ``dy_sd``, ``z_sd`` (and ``flip_prob``) calibrated."""
     if not calibration:
         return out
     out = dict(out)
+
+    def scaled(raw, p):
+        raw = np.asarray(raw, dtype=np.float64)
+        return np.sqrt((p["scale"] * raw) ** 2 + p["floor"] ** 2).astype(np.float32)
+
     for names, key in ((("angle_sd",), "angle"), (("dx_sd", "dy_sd"), "shift")):
-        p = calibration[key]
         for name in names:
             if name in out:
-                raw = np.asarray(out[name], dtype=np.float64)
-                out[name] = np.sqrt((p["scale"] * raw) ** 2 + p["floor"] ** 2).astype(np.float32)
+                out[name] = scaled(out[name], calibration[key])
+    if "z" in calibration and "z_sd" in out:
+        z_sd = np.array(out["z_sd"], dtype=np.float32, copy=True)
+        for j, p in enumerate(calibration["z"]):
+            z_sd[..., j] = scaled(z_sd[..., j], p)
+        out["z_sd"] = z_sd
+    if "flip" in calibration and "flip_prob" in out:
+        f = np.clip(np.asarray(out["flip_prob"], dtype=np.float64), 1e-6, 1 - 1e-6)
+        t = float(calibration["flip"]["temperature"])
+        out["flip_prob"] = np.where(np.isfinite(f), 1 / (1 + np.exp(-np.log(f / (1 - f)) / t)), np.nan).astype(np.float32)
     return out
 
 
