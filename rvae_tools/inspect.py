@@ -57,7 +57,7 @@ FALLBACKS: dict[str, dict[str, Any]] = {
     "segment": {
         "method": "unet", "invert": False, "train.source": "simulate",
         "classical.min_distance": 3.0, "classical.min_area": 4.0, "classical.max_area": None,
-        "classical.background": None, "classical.block": None, "locate.diameter": 9,
+        "classical.background": None, "classical.block": None, "classical.width": None, "locate.diameter": 9,
     },
     "track": {"search_range": 5.0},
     "windows": {"size": 32},
@@ -259,14 +259,17 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
     settings = {"threshold": "otsu", "background": None, "block": None, "min_area": max(4.0, 0.5 * max(width0, 1) ** 2),
                 "max_area": None, "split": True, "split_h": 1.0, "split_area": 1.6,
                 "min_distance": max(width0, 2.0), "border_fraction": 0.5, "edge": 0}
-    found = {i: classical_frame(frames[i], settings, invert=dark, index=i) for i in order}
-    det = pd.concat([d for d in found.values()], ignore_index=True)
-    if len(det) == 0:
-        raise InputError("inspect: no particles found in the sampled frames")
-    # Regions far above the typical area are clumps the watershed did not split; they would
-    # inflate the size, so the size comes from the typical ones.
-    typical = det[(det["area"] <= 2.5 * det["area"].median()) & (det["area"] >= 0.3 * det["area"].median())]
-    typical = typical if len(typical) else det
+    def detect(settings: dict[str, Any]):
+        found = {i: classical_frame(frames[i], settings, invert=dark, index=i) for i in order}
+        det = pd.concat([d for d in found.values()], ignore_index=True)
+        if len(det) == 0:
+            raise InputError("inspect: no particles found in the sampled frames")
+        # Regions far above the typical area are clumps the watershed did not split; they
+        # would inflate the size, so the size comes from the typical ones.
+        typical = det[(det["area"] <= 2.5 * det["area"].median()) & (det["area"] >= 0.3 * det["area"].median())]
+        return found, det, typical if len(typical) else det
+
+    found, det, typical = detect(settings)
     length = float(typical["length"].median())
     width = float(typical["width"].median())
     length_p95 = float(np.percentile(typical["length"], 95))
@@ -276,6 +279,14 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
     if length > MAX_FRACTION * min(h, w):
         raise InputError(f"inspect: particles are {length:.0f} px long, larger than a third of the {h} x {w} px frame; "
                          "crop less or bin the movie less")
+    # The scale-aware detector needs the width it measures: start from the plain threshold's
+    # regions and take the width of the regions it finds, twice (it settles by then).
+    scale = max(float(typical["minor_axis"].median()), 2.0)
+    for _ in range(2):
+        try:
+            scale = max(float(detect({**settings, "width": scale})[2]["minor_axis"].median()), 2.0)
+        except InputError:
+            break  # nothing at this scale: keep the plain threshold's
     # From the second moments (one level for both axes), so a round particle reads 1.
     elongation = float((typical["major_axis"] / typical["minor_axis"].clip(lower=0.5)).median())
     signal = np.concatenate([(-residuals[i] if dark else residuals[i])[
@@ -322,6 +333,7 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
             # A background scale several particle lengths wide never eats a particle.
             "classical.background": round(4.0 * length_p95, 1),
             "classical.block": round(6.0 * length_p95, 1),
+            "classical.width": round(scale, 2),
             "locate.diameter": diameter + (2 if diameter < length else 0),
         },
         "track": {"search_range": round(search, 2)},
@@ -331,7 +343,7 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
         "frame_shape": [int(h), int(w)], "frames_sampled": [int(i) for i in order],
         "polarity": "dark" if dark else "bright", "polarity_certain": bool(certain),
         "polarity_pixels": {"bright": bright_px, "dark": dark_px},
-        "length": length, "width": width, "length_p95": length_p95, "width_ridge": width0,
+        "length": length, "width": width, "length_p95": length_p95, "width_ridge": width0, "width_scale": scale,
         "elongation": elongation, "orientation_meaningful": bool(elongation >= ELONGATED),
         "particles_per_frame": per_frame, "density_per_10k_px2": per_frame / (h * w) * 1e4,
         "coverage": coverage, "spacing": spacing, "snr": snr, "noise": noise,

@@ -62,8 +62,9 @@ def test_orientation_consistency_rewards_alignment_and_punishes_an_offset():
 def test_classical_detector_on_a_real_dense_colony_crop():
     """A plain movie entry on a real phase-contrast colony: dark cells, axes along the masks' ellipses.
 
-    Detection F1 on this colony is far from the issue's 0.90 target (see bench/realdata.py); the
-    floor here guards what holds now: the orientation of the cells it does find.
+    The scale-aware detector (difference of Gaussians at the inspected width, component-tree
+    split) finds 147 of the 159 cells with 31 extra (F1 0.87, short of the issue's 0.90) and
+    their axes along the masks' ellipses (0.99); the floors guard that.
     """
     import tifffile
 
@@ -72,5 +73,5 @@ def test_classical_detector_on_a_real_dense_colony_crop():
     masks = tifffile.imread(RODS / "masks" / "ec_5I_t141xy5c1_cp_masks.tif")
     s = bench.score_rods(image, masks)
     assert s["polarity_dark"] == 1.0
-    assert s["pairs"] >= 80 and s["orientation"] >= 0.9
-    assert s["f1"] >= 0.6
+    assert s["pairs"] >= 140 and s["orientation"] >= 0.97
+    assert s["f1"] >= 0.85

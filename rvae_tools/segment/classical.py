@@ -2,10 +2,20 @@
 
 Steps per frame (:func:`classical_frame`): flatten the background (a robust quadratic
 surface, optionally followed by a masked Gaussian of a scale larger than the particles),
-make the particles bright (``invert``), threshold (Otsu on the whole frame, or a local
-threshold), split touching particles by a watershed on the distance transform, and measure
-every region: intensity-weighted centre, orientation and major/minor axis from the
-region's second moments, length and width as the region's extent along those axes, area.
+make the particles bright (``invert``), threshold, split touching particles by a watershed,
+and measure every region: intensity-weighted centre, orientation and major/minor axis from
+the region's second moments, length and width as the region's extent along those axes, area.
+
+With a particle ``width`` (the inspected one for a user movie) the threshold and the split
+are scale-aware (:func:`width_foreground`, :func:`tree_markers`): a difference of Gaussians
+(sigma ``width / 8`` and ``width``) takes out the halos and the uneven background of phase
+contrast, half the Otsu level of its positive part is the foreground, an opening of a
+quarter width removes thin structures (stalks, fibrils, scratches), and touching particles
+are told apart by the component tree of the signal: a region is split where it falls
+apart into pieces that each keep a particle's area and rise a tenth of the frame's contrast
+above the saddle between them, so a dim septum or a bright gap separates two cells but the
+texture inside one does not. Without a width, the Otsu threshold and the distance-transform
+watershed of :func:`rvae_tools.segment.postprocess._split_touching` are used.
 """
 
 from __future__ import annotations
@@ -231,7 +241,9 @@ def classical_frame(frame: np.ndarray, settings: dict[str, Any], *, invert: bool
         masked Gaussian background, null = quadratic surface only), ``block`` (px, local
         threshold neighbourhood), ``min_area``, ``max_area`` (px), ``split`` (bool),
         ``split_h`` (px), ``split_area``, ``min_distance`` (px, about the particle width),
-        ``border_fraction``, ``edge`` (px).
+        ``border_fraction``, ``edge`` (px), ``width`` (px, the particles' width: the
+        scale-aware threshold and split of :func:`width_foreground` and
+        :func:`tree_markers`; null or absent = Otsu and the distance-transform watershed).
     invert : bool
         Particles darker than the background.
     index : int
@@ -245,16 +257,27 @@ def classical_frame(frame: np.ndarray, settings: dict[str, Any], *, invert: bool
     """
     residual = flatten_background(frame, scale=settings["background"])
     signal = -residual if invert else residual
+    width = settings.get("width")
+    if width:
+        return _filter_regions(_scale_aware_regions(signal, float(width), index), settings)
     fgmap, _ = foreground(signal, method=settings["threshold"], block=settings["block"])
     fg = fgmap > 0.5
     fg = ndimage.binary_opening(fg, structure=np.ones((2, 2))) if fg.sum() > 0 else fg
     labels, n = ndimage.label(fg)
     if n == 0:
-        return measure_regions(labels, signal, fgmap, frame=index)
+        return measure_regions(labels, signal, fgmap, frame=index)[DETECTION_COLUMNS + SHAPE_COLUMNS]
     if settings["split"]:
         labels = _split_touching(fg, labels, fgmap, settings["min_distance"], settings["split_h"], settings["split_area"])
     # Smoothed weights: a noisy peak pixel would raise the half-maximum level of the extents.
     df = measure_regions(labels, ndimage.gaussian_filter(signal, 0.5), fgmap, frame=index)
+    return _filter_regions((df, labels), settings)
+
+
+def _filter_regions(found: tuple[pd.DataFrame, np.ndarray], settings: dict[str, Any]) -> pd.DataFrame:
+    """Drop regions outside the area limits, cut by the frame border, or centred near it."""
+    df, labels = found
+    if len(df) == 0:
+        return df[DETECTION_COLUMNS + SHAPE_COLUMNS]
     keep = df["area"] >= settings["min_area"]
     if settings["max_area"] is not None:
         keep &= df["area"] <= settings["max_area"]
@@ -273,3 +296,130 @@ def classical_frame(frame: np.ndarray, settings: dict[str, Any], *, invert: bool
         keep &= (df["x"] >= e) & (df["x"] <= w - 1 - e) & (df["y"] >= e) & (df["y"] <= h - 1 - e)
     df = df[keep].reset_index(drop=True)
     return df[DETECTION_COLUMNS + SHAPE_COLUMNS]
+
+
+#: Levels of the component tree between the foreground's 1st and 99th signal percentiles.
+TREE_LEVELS = 16
+#: A split must rise this share of the foreground's signal range above the saddle.
+TREE_DEPTH = 0.1
+#: A piece of a split keeps at least this many squared widths of area.
+TREE_AREA = 0.3
+#: Smoothing (sigma, in widths) of the signal the component tree is built on.
+TREE_SMOOTH = 0.125
+#: ... and this many standard deviations of the smoothed pixel noise.
+TREE_NOISE = 6.0
+
+
+def width_foreground(signal: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scale-aware foreground of bright particles about ``width`` px wide.
+
+    Parameters
+    ----------
+    signal : ndarray (y, x)
+        Flattened frame with bright particles (background about 0).
+    width : float
+        Particle width (px).
+
+    Returns
+    -------
+    fg : ndarray (y, x) bool
+        Difference of Gaussians (sigma ``width / 8`` minus sigma ``width``) above half the
+        Otsu level of its positive values (at least 3 noise sigma), opened by a disc of a
+        quarter width.
+    dog : ndarray (y, x)
+        The difference of Gaussians (intensity units).
+    threshold : float
+        Its threshold (intensity units; inf when nothing stands out).
+    """
+    from skimage.morphology import disk
+
+    fine = ndimage.gaussian_filter(signal, max(0.5, width / 8))
+    # The wide Gaussian is the local background: halos and illumination at the particle
+    # scale go, and in a dense colony each cell is compared with its neighbourhood.
+    dog = fine - ndimage.gaussian_filter(signal, width)
+    positive = dog[dog > 0]
+    if positive.size < 2:
+        return np.zeros(signal.shape, bool), dog, float("inf")
+    # Half the Otsu level of the positive part: Otsu over all values would split the dark
+    # halos from the rest instead of the particles from the background.
+    t = max(0.5 * _otsu(positive), 3 * np.sqrt(2) * noise_sigma(fine))
+    fg = dog > t
+    radius = int(round(width / 4))
+    if radius >= 1 and fg.any():
+        fg = ndimage.binary_opening(fg, structure=disk(radius))
+    return fg, dog, float(t)
+
+
+def tree_markers(signal: np.ndarray, fg: np.ndarray, *, min_area: float, depth: float,
+                 levels: int = TREE_LEVELS) -> np.ndarray:
+    """One marker per particle from the component tree of ``signal`` inside ``fg``.
+
+    Each connected region of ``fg`` is thresholded at rising levels (``levels`` steps
+    between the 1st and 99th percentile of ``signal`` over ``fg``). Where a region falls
+    apart into two or more pieces that each keep ``min_area`` px and whose peaks rise
+    ``depth`` (signal units) above the level of the split, every piece is resolved on its
+    own; otherwise the region is one particle and is its own marker.
+
+    Returns
+    -------
+    ndarray (y, x) int
+        Markers (0 = none).
+    """
+    markers = np.zeros(signal.shape, np.int64)
+    if not fg.any():
+        return markers
+    values = signal[fg]
+    lv = np.linspace(np.percentile(values, 1), np.percentile(values, 99), levels)
+    base, n0 = ndimage.label(fg)
+    count = 0
+    for k, sl in enumerate(ndimage.find_objects(base)):
+        if sl is None:
+            continue
+        node = base[sl] == k + 1
+        if node.sum() < min_area:
+            continue
+        sub = signal[sl]
+
+        def resolve(level: int, mask: np.ndarray) -> list[np.ndarray]:
+            if level + 1 >= levels:
+                return [mask]
+            lab, n = ndimage.label((sub > lv[level + 1]) & mask)
+            if n == 0:
+                return [mask]
+            ids = np.arange(1, n + 1)
+            big = ids[np.bincount(lab.ravel(), minlength=n + 1)[1:] >= min_area]
+            if len(big) >= 2:
+                peaks = ndimage.maximum(sub, lab, big)
+                big = big[np.asarray(peaks) - lv[level + 1] >= depth]
+            if len(big) == 0:
+                return [mask]
+            if len(big) == 1:
+                deeper = resolve(level + 1, lab == big[0])
+                return deeper if len(deeper) >= 2 else [mask]
+            return [piece for i in big for piece in resolve(level + 1, lab == i)]
+
+        for piece in resolve(0, node):
+            count += 1
+            markers[sl][piece] = count
+    return markers
+
+
+def _scale_aware_regions(signal: np.ndarray, width: float, index: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Regions of :func:`width_foreground` split by :func:`tree_markers` and a watershed."""
+    from skimage.segmentation import watershed
+
+    fg, dog, t = width_foreground(signal, width)
+    labels = np.zeros(signal.shape, np.int64)
+    score = np.clip(0.5 * dog / t, 0.0, 1.0) if np.isfinite(t) else np.zeros(signal.shape)
+    if fg.any():
+        sigma = max(0.5, TREE_SMOOTH * width)
+        fine = ndimage.gaussian_filter(signal, sigma)
+        values = fine[fg]
+        # White pixel noise smoothed by a Gaussian of sigma s keeps a standard deviation of
+        # noise / (2 sqrt(pi) s); a split must stand TREE_NOISE of those above the saddle,
+        # so noise on the plateau of one long particle does not cut it.
+        noise = noise_sigma(signal) / (2 * np.sqrt(np.pi) * sigma)
+        depth = max(TREE_DEPTH * float(np.percentile(values, 99) - np.percentile(values, 1)), TREE_NOISE * noise)
+        markers = tree_markers(fine, fg, min_area=TREE_AREA * width**2, depth=depth)
+        labels = watershed(-fine, markers, mask=fg)
+    return measure_regions(labels, np.clip(dog, 0, None), score, frame=index), labels
