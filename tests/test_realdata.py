@@ -44,6 +44,20 @@ def test_mask_reference_reads_known_angles_centres_and_sizes():
     assert ref["width"].median() == pytest.approx(8, abs=1.5)
 
 
+def test_mask_reference_centres_a_stalked_cell_on_its_body_and_leaves_bare_stalks_out():
+    """A Caulobacter-like label: a 24 x 10 px body with a 3 px wide, 60 px long stalk; and a bare stalk."""
+    labels, centres = _ellipses([0], shape=(80, 140))
+    body_area = int((labels == 1).sum())
+    labels[29:32, 42:102] = 1  # the stalk, from the body's right tip along +x
+    labels[60:63, 20:120] = 2  # a stalk without a body
+    ref = _bench().mask_reference(labels)
+    assert (labels == 1).sum() > 1.5 * body_area  # the stalk would pull a plain centroid by > 10 px
+    body = ref.iloc[0]
+    assert body["body"] and not ref.iloc[1]["body"]
+    assert body["x"] == pytest.approx(centres[0][0], abs=1.0) and body["y"] == pytest.approx(centres[0][1], abs=1.0)
+    assert abs(np.sin(body["orientation"])) < 0.05 and body["length"] == pytest.approx(24, abs=3)
+
+
 def test_orientation_consistency_rewards_alignment_and_punishes_an_offset():
     bench = _bench()
     labels, _ = _ellipses([10, 50, 100, 170])
