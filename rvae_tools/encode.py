@@ -191,6 +191,12 @@ def encode_patches(
     seed = (settings or {}).get("seed")
     if seed is None:
         seed = model_config.get("seed", patches.attrs.get("seed", 0))
+    # The angle-conditional model is given each window's known angle, the segmenter's axis.
+    known = model_config.get("condition") == "angle" and model_config.get("model", "rvae") == "rvae"
+    if known and "orientation" not in patches.variables:
+        raise InputError(f"{patches_path}: no orientation coordinate; the model {model_path} is conditioned on "
+                         "each window's known angle (rvae.condition: angle) and reads it from there")
+    orientation = patches["orientation"].values if known else None
     block = max(int(chunks[0]), batch_size or 0)
     bar = tqdm(total=n_obs, unit="win", desc="encode", file=sys.stderr, disable=not progress,
                mininterval=1.0 if sys.stderr.isatty() else 15.0)
@@ -198,7 +204,8 @@ def encode_patches(
         for start in range(0, n_obs, block):
             stop = min(start + block, n_obs)
             wins = _read_windows(window, np.arange(start, stop), patches_path, particle, frame)
-            out = _encode_windows(model, wins, batch_size=batch_size, device=device, method=method)
+            out = _encode_windows(model, wins, batch_size=batch_size, device=device, method=method,
+                                  angles=None if orientation is None else orientation[start:stop])
             rows, cols = pi[start:stop], fi[start:stop]
             for name, value in out.items():
                 value = np.asarray(value)
@@ -306,7 +313,9 @@ def _calibrate_spreads(ds, model, window, patches_path, particle, frame, index, 
     species. Unchanged when ``calibration_windows`` is 0 or the model has no pose latents.
     """
     n_cal = int((settings or {}).get("calibration_windows", 512))
-    if n_cal == 0 or getattr(model, "settings", {}).get("model", "rvae") != "rvae":
+    model_settings = getattr(model, "settings", {})
+    if n_cal == 0 or model_settings.get("model", "rvae") != "rvae" or model_settings.get("condition") == "angle":
+        # (The angle-conditional model is given its angles: there is no angle spread to calibrate.)
         return ds
     pi, fi = index
     rng = np.random.default_rng(seed)
@@ -351,11 +360,15 @@ def _calibrate_spreads(ds, model, window, patches_path, particle, frame, index, 
     return ds
 
 
-def _encode_windows(model: Any, wins: np.ndarray, *, batch_size, device, method) -> dict[str, np.ndarray]:
-    """The model's outputs for one block of windows (``method`` only for models that take it)."""
+def _encode_windows(model: Any, wins: np.ndarray, *, batch_size, device, method,
+                    angles: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The model's outputs for one block of windows (``method`` only for models that take it; ``angles``,
+    rad, for the angle-conditional model)."""
     import inspect
 
     kwargs = {"batch_size": batch_size, "device": device}
+    if angles is not None:
+        kwargs["angles"] = angles
     if method is not None and "method" in inspect.signature(model.encode).parameters:
         kwargs["method"] = method
     return model.encode(wins, **kwargs)

@@ -4,7 +4,8 @@ Modules: :mod:`.networks` (encoders and coordinate decoders), :mod:`.losses` (KL
 likelihoods), :mod:`.model` (:class:`RVAE`), :mod:`.trainer` (the training loop, for any model
 with the documented methods), :mod:`.checkpoint` (reading and checking checkpoints, the resume
 fingerprint), :mod:`.data` (windows from arrays or Zarr), :mod:`.baselines` (plain VAE,
-Gaussian mixture), :mod:`.semisupervised` (class latents: ssrvae, conditional, ssvae), :mod:`.rvae3d`
+Gaussian mixture), :mod:`.semisupervised` (class latents: ssrvae, jrvae, class-conditional, ssvae), :mod:`.conditional`
+(the angle-conditional rVAE), :mod:`.rvae3d`
 (out-of-plane orientation: a 3D rotation latent) with :mod:`.so3` (quaternions, SO(3) grid).
 """
 
@@ -32,6 +33,10 @@ def build_model(settings: dict, window_size):
         from .baselines import PlainVAE
 
         return PlainVAE.from_settings(settings, window_size)
+    if settings.get("condition") == "angle":
+        from .conditional import AngleConditionedRVAE
+
+        return AngleConditionedRVAE.from_settings(settings, window_size)
     return RVAE.from_settings(settings, window_size)
 
 
@@ -41,7 +46,8 @@ def load_model(path, **expect):
     from .checkpoint import read_checkpoint
     from .semisupervised import CLASS_MODELS, ClassRVAE
 
-    kind = read_checkpoint(path)["kind"]
+    payload = read_checkpoint(path)
+    kind = payload["kind"]
     if kind == "rvae3d":
         from .rvae3d import RVAE3D
 
@@ -52,4 +58,8 @@ def load_model(path, **expect):
         return PlainVAE.load(path, **expect)
     if kind in CLASS_MODELS:
         return ClassRVAE.load(path, **expect)
+    if payload["config"].get("condition") == "angle":
+        from .conditional import AngleConditionedRVAE
+
+        return AngleConditionedRVAE.load(path, **expect)
     return RVAE.load(path, **expect)

@@ -364,7 +364,7 @@ def _fingerprint_parts(model, source: WindowSource, stats: dict, n_training: int
     settings = {k: v for k, v in model.config.items() if k not in RUN_ONLY_SETTINGS}
     if model.settings.get("lr_schedule") == "cosine":
         settings["epochs"] = int(epochs)  # the schedule's period is the total number of epochs
-    return {
+    parts = {
         "rvae_tools": __version__,
         "torch": torch.__version__.split("+")[0],
         "settings": settings,
@@ -376,6 +376,10 @@ def _fingerprint_parts(model, source: WindowSource, stats: dict, n_training: int
         "labels": (hashlib.sha256(np.ascontiguousarray(source.labels, dtype="<i8").tobytes()).hexdigest()
                    if getattr(source, "labels", None) is not None else None),
     }
+    if getattr(source, "angles", None) is not None:
+        # The angle-conditional model's known angles (a key only then: other fingerprints stay as they were).
+        parts["angles"] = hashlib.sha256(np.ascontiguousarray(source.angles, dtype="<f4").tobytes()).hexdigest()
+    return parts
 
 
 def _checkpoint_folder(root: Path, fingerprint: str, description: dict, resume: bool) -> Path:
