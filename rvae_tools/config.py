@@ -197,6 +197,19 @@ def check_config(config: dict[str, Any], source: str = "config", *, device: bool
                 f"{where}.crop: {list(crop)} is empty or negative; expected [y0, y1, x0, x1] "
                 "with 0 <= y0 < y1 and 0 <= x0 < x1"
             )
+        labels = movie.get("labels")
+        if labels is not None:
+            path = Path(labels)
+            if not path.exists():
+                raise InputError(f"{where}.labels: {labels} not found; expected a CSV/Parquet labels file or a "
+                                 "folder of labelled window images (one subfolder per class)")
+            if path.is_file() and path.suffix.lower() not in (".csv", ".tsv", ".txt", ".parquet", ".pq"):
+                raise InputError(f"{where}.labels: {labels} is a {path.suffix or 'suffix-less'} file; expected a "
+                                 ".csv/.tsv/.parquet labels table or a folder of labelled window images")
+            model = stage_settings(config, "rvae", name, source=source)["model"]
+            if model in ("jrvae", "vae", "gmm", "rvae3d"):
+                raise InputError(f"{where}.labels: rvae.model {model} does not learn from labels; expected "
+                                 "rvae.model ssrvae or ssvae (or leave rvae.model unset: it is then ssrvae)")
         shape = _movie_shape(config, name, where)
         shapes[name] = shape
         size = windows.get("size")
@@ -212,6 +225,15 @@ def check_config(config: dict[str, Any], source: str = "config", *, device: bool
     if device:
         check_device(config["device"], source)
     return shapes
+
+
+def labelled_model(config: dict[str, Any], movie: str | None) -> str:
+    """The rvae.model that trains on this movie (None: every movie, pooled): ssrvae when a movie has labels
+    and rvae.model is left at its default (rvae), else rvae.model."""
+    names = list(config["movies"]) if movie is None else [movie]
+    model = stage_settings(config, "rvae", movie)["model"]
+    labelled = any(config["movies"][n].get("labels") for n in names)
+    return "ssrvae" if labelled and model == section_schema("rvae")["properties"]["model"]["default"] else model
 
 
 def _movie_shape(config: dict[str, Any], name: str, where: str) -> tuple[int, int, int] | None:

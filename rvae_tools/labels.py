@@ -212,3 +212,90 @@ def store_index(path: str | os.PathLike, movie: str | None = None) -> WindowInde
     return WindowIndex(movie=movie or path.resolve().parent.name,
                        particle=ds["particle"].values.astype(np.int64), frame=ds["frame"].values.astype(np.int64),
                        attrs=dict(ds.attrs))
+
+
+#: Image files read from a folder of labelled windows.
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def read_label_images(folder: str | os.PathLike, window_size: tuple[int, int],
+                      normalisation: dict[str, Any] | None = None) -> tuple[np.ndarray, list[str], list[str]]:
+    """Labelled example windows from ``folder``: one subfolder per class, named by the class, of images.
+
+    Parameters
+    ----------
+    folder : path
+        ``folder/<class>/*.png`` (or .tif, .tiff, .jpg); grey images, or RGB(A) taken as
+        luminance 0.299 R + 0.587 G + 0.114 B.
+    window_size : (int, int)
+        The windows' height and width in pixels; every image must have it.
+    normalisation : dict, optional
+        The patches store's attrs ``normalize``, ``percentiles``, ``clip``: with ``normalize:
+        percentile`` the images are normalised as the windows stage normalises a movie, the
+        low and high percentiles of all their pixels mapped to 0 and 1; otherwise kept as read.
+
+    Returns
+    -------
+    (ndarray (n, wy, wx) float32, list of str, list of str)
+        The images, the class (subfolder name) of each, and each one's path (for messages).
+
+    Raises
+    ------
+    InputError
+        Missing folder, no class subfolders, a class without images, an unreadable image, an
+        image of another size or shape.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: labels folder not found; expected a folder with one subfolder of window "
+                         "images per class")
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise InputError(f"{folder}: no class subfolders; expected one subfolder per class (its name is the class) "
+                         f"holding {', '.join(IMAGE_SUFFIXES)} images of that class's windows")
+    images, names, paths = [], [], []
+    for sub in classes:
+        files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise InputError(f"{sub}: class {sub.name!r} has no labelled example; expected "
+                             f"{', '.join(IMAGE_SUFFIXES)} images in it")
+        for path in files:
+            img = _read_image(path)
+            if img.shape != tuple(window_size):
+                raise InputError(f"{path}: image is {img.shape[0]}x{img.shape[1]} pixels; expected the windows' "
+                                 f"{window_size[0]}x{window_size[1]} (cut it to the window size)")
+            images.append(img)
+            names.append(sub.name)
+            paths.append(str(path))
+    x = np.stack(images).astype(np.float32)
+    norm = normalisation or {}
+    if norm.get("normalize") == "percentile":
+        from .windows import normalise
+
+        lo, hi = np.nanpercentile(x, [float(p) for p in norm.get("percentiles", [1.0, 99.5])])
+        if not hi > lo:
+            raise InputError(f"{folder}: the labelled images are constant ({lo:g}); expected particle images")
+        x = normalise(x, float(lo), float(hi), bool(norm.get("clip", True))).astype(np.float32)
+    return x, names, paths
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One image as a 2-D float array (RGB(A) to luminance)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            img = np.asarray(tifffile.imread(path))
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                img = np.asarray(im)
+    except Exception as exc:  # noqa: BLE001 (image readers raise many types for a broken file)
+        raise InputError(f"{path}: cannot be read as an image ({type(exc).__name__}: {exc})") from None
+    img = np.squeeze(img).astype(np.float64)
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        img = img[..., :3] @ np.array([0.299, 0.587, 0.114])
+    if img.ndim != 2:
+        raise InputError(f"{path}: image has shape {img.shape}; expected a single grey (or RGB) window")
+    return img

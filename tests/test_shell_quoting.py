@@ -76,6 +76,7 @@ def _hostile_config(work: Path) -> dict:
     np.savez(movie, **{HOSTILE: np.zeros((3, 40, 40), np.float32)})
     checkpoint = work / f"{HOSTILE}.pt"
     checkpoint.write_bytes(b"")
+    (work / HOSTILE / "a").mkdir(parents=True)  # movies.real.labels: a folder of labelled window images
 
     config: dict = {"movies": {}}
     for path, _ in top:

@@ -101,3 +101,37 @@ def test_broken_default_config_names_line_and_column(tmp_path):
     assert proc.returncode != 0
     line = next(line for line in (proc.stdout + proc.stderr).splitlines() if "invalid configuration" in line)
     assert re.search(r"config/config\.yaml: line \d+, column \d+: not valid YAML", line), line
+
+
+def test_a_movie_with_labels_trains_the_semi_supervised_model(tmp_path):
+    import json
+    import shlex
+
+    work = tmp_path / "work"
+    (work / "labels").mkdir(parents=True)
+    (work / "labels" / "mine.csv").write_text("particle,class\n0,rod\n1,tadpole\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"movies": {"mine": {"simulate": {"frames": 5}, "labels": "labels/mine.csv"},
+                                               "other": {"simulate": {}}}}))
+    (work / "config").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "config" / "config.yaml", work / "config" / "config.yaml")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(work),
+                           "--configfile", str(mine), "--dry-run", "--printshellcmds", "--forceall", "--cores", "1",
+                           "--workflow-profile", "none", "results/models/rvae/pooled/model.pt"],
+                          cwd=work, env=tool_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    train = [b for r, b in _jobs(proc.stdout + proc.stderr) if r == "train"]
+    assert len(train) == 1 and "labels/mine.csv" in train[0]  # an input: a changed labels file retrains
+    command = shlex.split(re.search(r"rvae-tools train .*", train[0]).group(0).split(">")[0])
+    at = command.index("--movie-labels")
+    assert command[at + 1:at + 3] == ["mine", "labels/mine.csv"] and command.count("--movie-labels") == 1
+    settings = json.loads(command[command.index("--settings") + 1])
+    assert settings["model"] == "ssrvae"  # rvae.model left unset: the labels make it semi-supervised
+
+    # A labels path that does not exist, or a model that cannot learn from labels, stops before any rule.
+    for entry, message in (({"labels": "labels/none.csv"}, "movies.mine.labels: labels/none.csv not found"),
+                           ({"labels": "labels/mine.csv", "rvae": {"model": "jrvae", "classes": 2}},
+                            "rvae.model jrvae does not learn from labels")):
+        mine.write_text(yaml.safe_dump({"movies": {"mine": {"simulate": {}, **entry}}}))
+        proc = _dry_run(work, mine)
+        assert proc.returncode != 0 and message in proc.stdout + proc.stderr

@@ -84,6 +84,9 @@ def known_angles(source: WindowSource, angles=None) -> np.ndarray:
     if not source.paths:
         raise InputError("angles: rvae.condition: angle needs the known angle of every window; expected angles= "
                          "(rad, one per window) or patches.zarr stores with an orientation coordinate")
+    if int(source.counts[:len(source.paths)].sum()) != len(source):
+        raise InputError(f"{', '.join(source.names[len(source.paths):])}: windows without a patches store have no "
+                         "known angle; rvae.condition: angle expected angles= (rad, one per window)")
     import zarr
 
     parts = []

@@ -100,6 +100,25 @@ class WindowSource:
                 out[sel] = block[local - lo]
         return out
 
+    def appended(self, windows: np.ndarray, name: str) -> WindowSource:
+        """A source of these windows followed by ``windows`` (n, wy, wx), held in memory (e.g. labelled example images)."""
+        import copy
+
+        arr = np.asarray(windows, dtype=np.float32)
+        self._check_shape(arr.shape, name)
+        if tuple(arr.shape[1:]) != tuple(self.window_size):
+            raise InputError(f"{name}: windows are {arr.shape[1]}x{arr.shape[2]} pixels; expected "
+                             f"{self.window_size[0]}x{self.window_size[1]} as the other windows")
+        out = copy.copy(self)
+        out._arrays = [*self._arrays, arr]
+        out.names = [*self.names, name]
+        out.counts = np.append(self.counts, arr.shape[0]).astype(np.int64)
+        out.offsets = np.concatenate([[0], np.cumsum(out.counts)])
+        out.n = int(out.offsets[-1])
+        out.in_memory = all(isinstance(a, np.ndarray) for a in out._arrays)
+        out.chunk = [*self.chunk, _chunk_length(arr)]
+        return out
+
     def store_settings(self) -> list:
         """The settings each patches.zarr store was cut with (its provenance ``config``), in order."""
         return [attrs.get("config") for attrs in self._stores]
@@ -116,6 +135,8 @@ class WindowSource:
             if "frame" not in group:
                 return None
             parts.append(np.asarray(group["frame"][:], dtype=np.int64))
+        # Windows appended without a store (labelled example images) belong to no frame: 0.
+        parts += [np.zeros(len(a), dtype=np.int64) for a in self._arrays[len(self.paths):]]
         return np.concatenate(parts)
 
     def check_content(self, index: np.ndarray | None = None, digest: bool = False) -> dict:

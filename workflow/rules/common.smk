@@ -6,7 +6,7 @@ import re
 import shlex
 import sys
 
-from rvae_tools.config import check_config, movie_entry, read_config_file, stage_settings, validate_config
+from rvae_tools.config import check_config, labelled_model, movie_entry, read_config_file, stage_settings, validate_config
 from rvae_tools.errors import InputError
 
 
@@ -235,6 +235,26 @@ def rvae_train_mem_mb(wildcards, input):
 
 def _rvae_train_settings(wildcards):
     # The pooled model has no movie wildcard, so it takes the config's rvae section as is;
-    # a per-movie model takes that movie's overrides.
+    # a per-movie model takes that movie's overrides. A movie with labels makes it ssrvae
+    # unless rvae.model says otherwise (rvae_tools.config.labelled_model).
     movie = None if wildcards.scope == "pooled" else wildcards.scope
-    return json.dumps(stage_settings(config, "rvae", movie), sort_keys=True)
+    rvae = {**stage_settings(config, "rvae", movie), "model": labelled_model(config, movie)}
+    return json.dumps(rvae, sort_keys=True)
+
+
+def _labelled_movies(wildcards):
+    names = MOVIES if wildcards.scope == "pooled" else [wildcards.scope]
+    return [name for name in names if config["movies"][name].get("labels")]
+
+
+def rvae_train_labels(wildcards):
+    """The labels files (or folders) of the movies a model trains on."""
+    return [config["movies"][name]["labels"] for name in _labelled_movies(wildcards)]
+
+
+def rvae_train_label_args(wildcards):
+    """--movie-labels MOVIE PATH for every labelled movie of the model, quoted for the shell."""
+    args = []
+    for name in _labelled_movies(wildcards):
+        args += ["--movie-labels", name, config["movies"][name]["labels"]]
+    return " ".join(shlex.quote(a) for a in args)

@@ -21,10 +21,12 @@ rule train_checkpoints:
 
 
 rule train:
-    """Train the rotationally invariant VAE on the windows (pooled over all movies, or per movie)."""
+    """Train the rotationally invariant VAE on the windows (pooled over all movies, or per movie); movies
+    with labels (a labels file or a folder of labelled window images) teach it their classes."""
     input:
         patches=_rvae_train_patches,
         checkpoints=f"{RESULTS}/models/rvae/{{scope}}/model.checkpoints",
+        labels=rvae_train_labels,
     output:
         model=f"{RESULTS}/models/rvae/{{scope}}/model.pt",
         history=f"{RESULTS}/models/rvae/{{scope}}/history.csv",
@@ -32,6 +34,7 @@ rule train:
         scope="|".join(["pooled", *MOVIES]),
     params:
         settings=_rvae_train_settings,
+        labels=rvae_train_label_args,
         device=config["device"],
     log:
         f"{RESULTS}/logs/train/{{scope}}.log",
@@ -47,5 +50,5 @@ rule train:
         "../envs/train.yaml"
     shell:
         "OMP_NUM_THREADS={threads} rvae-tools train {input.patches:q} -o {output.model:q}"
-        " --checkpoints {input.checkpoints:q} --device {params.device:q}"
+        " --checkpoints {input.checkpoints:q} --device {params.device:q} {params.labels}"
         " --settings {params.settings:q} > {log:q} 2>&1"
