@@ -39,6 +39,7 @@ include: "workflow/rules/track.smk"
 include: "workflow/rules/windows.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/encode.smk"
+include: "workflow/rules/classes.smk"
 include: "workflow/rules/dynamics.smk"
 include: "workflow/rules/explore.smk"
 

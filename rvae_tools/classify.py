@@ -103,12 +103,14 @@ def class_variables(prob: np.ndarray, class_names: list) -> tuple[dict[str, Any]
 def classify_patches(patches_path: str | Path, model_path: str | Path, output: str | Path, *,
                      device: str = "auto", batch_size: int | None = None, progress: bool = True,
                      model: Any = None, labels: str | Path | None = None, figures_dir: str | Path | None = None,
-                     formats=("png",), dpi: int = 150) -> pd.DataFrame:
+                     formats=("png",), dpi: int = 150, latents: str | Path | None = None) -> pd.DataFrame:
     """Classify every window of ``patches_path`` with the class model at ``model_path``; write ``output`` (Parquet).
 
     With ``labels`` (a labels file of this movie, see :mod:`rvae_tools.labels`) the accuracy on
     the labelled windows is logged; with ``figures_dir`` the class figures are drawn there
-    (templates, class fractions per frame, and the confusion matrix when ``labels`` is given).
+    (templates, the latent manifold of each class, class fractions per frame, and the confusion
+    matrix when ``labels`` is given); ``latents`` (this movie's latents.zarr) gives the manifold
+    the z of each class's windows.
     Returns the table written (see :func:`class_table`).
     """
     from tqdm import tqdm
@@ -168,6 +170,19 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
         fig_dir.mkdir(parents=True, exist_ok=True)
         formats = tuple(dict.fromkeys(["png", *formats]))
         plots.templates(model, fig_dir, formats=formats, dpi=dpi)
+        z = cls_index = None
+        if latents is not None:
+            lat = open_zarr(latents, required=["z"], what="latents store")
+            pi = np.searchsorted(lat["particle"].values, patches["particle"].values)
+            fi = np.searchsorted(lat["frame"].values, patches["frame"].values)
+            pi = pi.clip(max=lat.sizes["particle"] - 1)
+            fi = fi.clip(max=lat.sizes["frame"] - 1)
+            if (lat["particle"].values[pi] != patches["particle"].values).any() or \
+                    (lat["frame"].values[fi] != patches["frame"].values).any():
+                raise InputError(f"{latents}: its (particle, frame) grid does not hold the windows of {patches_path}; "
+                                 "expected the latents encoded from these patches")
+            z, cls_index = lat["z"].values[pi, fi], table["cls_index"].to_numpy()
+        plots.manifold(model, fig_dir, z=z, cls_index=cls_index, formats=formats, dpi=dpi)
         plots.fractions(table, list(model.class_names), fig_dir, formats=formats, dpi=dpi)
         if known is not None:
             sel = known >= 0
@@ -189,12 +204,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", default=None, help="labels file of this movie: log the accuracy on its windows "
                         "(and draw the confusion matrix with --figures)")
     parser.add_argument("--figures", default=None, metavar="DIR",
-                        help="draw class templates, class fractions per frame (and the confusion matrix) here")
+                        help="draw class templates, the class manifold, class fractions per frame (and the "
+                             "confusion matrix) here")
+    parser.add_argument("--latents", default=None, metavar="LATENTS.zarr",
+                        help="this movie's latents (from encode): the class manifold spans each class's z")
 
 
 def run(args: argparse.Namespace) -> int:
     classify_patches(args.patches, args.model, args.output, device=args.device, batch_size=args.batch_size,
-                     progress=not args.no_progress, labels=args.labels, figures_dir=args.figures)
+                     progress=not args.no_progress, labels=args.labels, figures_dir=args.figures,
+                     latents=args.latents)
     return 0
 
 

@@ -227,6 +227,17 @@ def check_config(config: dict[str, Any], source: str = "config", *, device: bool
     return shapes
 
 
+#: Values of ``rvae.model`` that have a class latent (rvae_tools.rvae.semisupervised).
+CLASS_MODELS = ("ssrvae", "ssvae", "jrvae")
+
+
+def class_movies(config: dict[str, Any]) -> list[str]:
+    """The movies whose model (the pooled one, or their own) has classes: they get classes and class figures."""
+    if stage_settings(config, "rvae")["pooled"]:
+        return list(config["movies"]) if labelled_model(config, None) in CLASS_MODELS else []
+    return [name for name in config["movies"] if labelled_model(config, name) in CLASS_MODELS]
+
+
 def labelled_model(config: dict[str, Any], movie: str | None) -> str:
     """The rvae.model that trains on this movie (None: every movie, pooled): ssrvae when a movie has labels
     and rvae.model is left at its default (rvae), else rvae.model."""

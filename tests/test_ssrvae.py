@@ -259,7 +259,7 @@ def test_train_classify_and_encode_write_the_class_contract(tmp_path, capsys):
     assert main(["classify", str(patches), str(model), "-o", str(out), "--device", "cpu", "--no-progress",
                  "--labels", str(labels), "--figures", str(tmp_path / "figures")]) == 0
     assert {p.name for p in (tmp_path / "figures").glob("*.png")} == {"class_templates.png", "class_fractions.png",
-                                                                      "class_confusion.png"}
+                                                                      "class_confusion.png", "class_manifold.png"}
     table = pd.read_parquet(out)
     assert {"particle", "frame", "cls", "cls_index", "cls_prob", "prob_a", "prob_b", "prob_c"} <= set(table.columns)
     assert len(table) == len(x) and set(table["cls"]) <= {"a", "b", "c"}
@@ -273,6 +273,16 @@ def test_train_classify_and_encode_write_the_class_contract(tmp_path, capsys):
     np.testing.assert_allclose(ds["cls_prob"].sel(particle=0).values, row[["prob_a", "prob_b", "prob_c"]].values, atol=1e-5)
     votes = row["cls"].value_counts()
     assert ds["cls"].sel(particle=0).item() in set(votes[votes == votes.max()].index)
+    # The class manifold spans each class's windows' z when the latents are given; latents of
+    # other windows are refused.
+    assert main(["classify", str(patches), str(model), "-o", str(tmp_path / "c2.parquet"), "--device", "cpu",
+                 "--no-progress", "--latents", str(latents), "--figures", str(tmp_path / "fig2")]) == 0
+    assert (tmp_path / "fig2" / "class_manifold.png").stat().st_size > 0
+    other = tmp_path / "other" / "patches.zarr"
+    _write_patches(other, x, particle + 100, frame)
+    assert main(["classify", str(other), str(model), "-o", str(tmp_path / "c3.parquet"), "--device", "cpu",
+                 "--no-progress", "--latents", str(latents), "--figures", str(tmp_path / "fig3")]) == 2
+    assert "does not hold the windows of" in capsys.readouterr().err
     # A model without classes cannot classify; a labels file with an unknown particle is refused.
     bad = tmp_path / "bad.csv"
     bad.write_text("particle,class\n999,a\n")

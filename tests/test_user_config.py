@@ -127,6 +127,12 @@ def test_a_movie_with_labels_trains_the_semi_supervised_model(tmp_path):
     assert command[at + 1:at + 3] == ["mine", "labels/mine.csv"] and command.count("--movie-labels") == 1
     settings = json.loads(command[command.index("--settings") + 1])
     assert settings["model"] == "ssrvae"  # rvae.model left unset: the labels make it semi-supervised
+    # ... and every movie the model encodes gets its classes and class figures.
+    proc = _dry_run(work, mine)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    classify = sorted(re.search(r"wildcards: movie=(\S+)", b).group(1) for r, b in _jobs(proc.stdout) if r == "classify")
+    assert classify == ["mine", "other"]
+    assert "results/mine/figures/class_manifold.png" in proc.stdout
 
     # A labels path that does not exist, or a model that cannot learn from labels, stops before any rule.
     for entry, message in (({"labels": "labels/none.csv"}, "movies.mine.labels: labels/none.csv not found"),

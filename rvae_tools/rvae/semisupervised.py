@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import CLASS_MODELS
 from ..errors import InputError
 from . import losses
 from .data import WindowSource
@@ -55,8 +56,6 @@ from .networks import (
 
 log = logging.getLogger(__name__)
 
-#: Values of ``rvae.model`` that have a class latent.
-CLASS_MODELS = ("ssrvae", "ssvae", "jrvae")
 #: Class models trained without labels: the classes are found by the model.
 UNSUPERVISED_MODELS = ("jrvae",)
 #: jrvae: encoder steps fitting the classifier to the initial classes before training (see

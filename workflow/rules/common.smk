@@ -6,7 +6,7 @@ import re
 import shlex
 import sys
 
-from rvae_tools.config import check_config, labelled_model, movie_entry, read_config_file, stage_settings, validate_config
+from rvae_tools.config import check_config, class_movies, labelled_model, movie_entry, read_config_file, stage_settings, validate_config
 from rvae_tools.errors import InputError
 
 
