@@ -188,6 +188,28 @@ def _ridge_width(signal: np.ndarray) -> float:
     return float(2 * np.median(ridge) - 1) if ridge.size else float("nan")
 
 
+def _area_weighted_median(values, area) -> float:
+    """The value below which half of the regions' total area lies (``values`` in their units)."""
+    v, a = np.asarray(values, np.float64), np.asarray(area, np.float64)
+    order = np.argsort(v)
+    cum = np.cumsum(a[order])
+    return float(v[order][np.searchsorted(cum, 0.5 * cum[-1])])
+
+
+def _particle_width(det) -> float:
+    """Width (px, ellipse minor axis, at least 2) of the regions that hold most of the area.
+
+    Thin debris (stalks, fibrils, texture) breaks into many small regions that outvote the
+    particles in a plain median but hold little area; unsplit clumps hold much area in few
+    regions. So the typical area is the area-weighted median, regions from 0.3 to 2.5 times
+    it are the particles, and their area-weighted median minor axis is the width.
+    """
+    typical_area = _area_weighted_median(det["area"], det["area"])
+    keep = (det["area"] >= 0.3 * typical_area) & (det["area"] <= 2.5 * typical_area)
+    own = det[keep] if keep.any() else det
+    return max(_area_weighted_median(own["minor_axis"], own["area"]), 2.0)
+
+
 def _displacements(d0, d1, radius: float) -> np.ndarray:
     """Frame-to-frame displacements (dx, dy) px of particles matched one to one within ``radius``."""
     from .segment.metrics import match_points
@@ -280,11 +302,13 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
         raise InputError(f"inspect: particles are {length:.0f} px long, larger than a third of the {h} x {w} px frame; "
                          "crop less or bin the movie less")
     # The scale-aware detector needs the width it measures: start from the plain threshold's
-    # regions and take the width of the regions it finds, twice (it settles by then).
-    scale = max(float(typical["minor_axis"].median()), 2.0)
+    # regions and take the width of the regions it finds, twice (it settles by then). Each
+    # region counts by its area: thin debris (stalks, fibrils, texture) breaks into many small
+    # regions that would outvote the particles in a plain median, but holds little area.
+    scale = _particle_width(det)
     for _ in range(2):
         try:
-            scale = max(float(detect({**settings, "width": scale})[2]["minor_axis"].median()), 2.0)
+            scale = _particle_width(detect({**settings, "width": scale})[1])
         except InputError:
             break  # nothing at this scale: keep the plain threshold's
     # From the second moments (one level for both axes), so a round particle reads 1.

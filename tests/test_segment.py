@@ -364,6 +364,26 @@ def test_classical_detector_with_inspected_settings_finds_rods_and_their_axes(da
     assert abs(np.mean(np.exp(2j * delta))) >= 0.95  # axes agree modulo pi
 
 
+@pytest.mark.parametrize(("length", "width", "dark"), [(8.0, 3.0, False), (10.0, 4.0, True), (30.0, 8.0, False)])
+def test_user_movie_default_detector_finds_small_and_long_simulated_rods(length, width, dark):
+    """A plain movie entry (inspect, then every segment setting at auto) on the project's simulator."""
+    from rvae_tools.inspect import inspect_frames, resolve_settings
+    from rvae_tools.simulate import simulate
+
+    species = [{"name": "rod", "shape": "rod", "length": length, "width": width}]
+    n = 15 if length > 20 else 25  # 25 rods of 30 px fill the view to its excluded-volume limit
+    sim = simulate(validate_section("simulate", {"frames": 4, "seed": 5, "n_particles": n, "species": species,
+                                                 "height": 192, "width": 192}))
+    movie = sim.movie.astype(np.float64)
+    if dark:
+        movie = 2 * np.median(movie) - movie
+    inspection, _ = inspect_frames({i: movie[i] for i in range(len(movie))})
+    settings, _ = resolve_settings("segment", validate_section("segment", {}), inspection)
+    assert settings["method"] == "classical" and settings["classical"]["width"] > 0
+    det, _ = segment_movie(movie, settings)
+    assert detection_scores(sim.truth, det, 0.5 * width)["f1"] >= 0.9
+
+
 def test_streamed_detections_equal_the_in_memory_table(tmp_path):
     from rvae_tools.io import read_table, table_metadata
     from rvae_tools.segment.postprocess import empty_detections

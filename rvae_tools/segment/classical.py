@@ -8,7 +8,7 @@ the region's second moments, length and width as the region's extent along those
 
 With a particle ``width`` (the inspected one for a user movie) the threshold and the split
 are scale-aware (:func:`width_foreground`, :func:`tree_markers`): a difference of Gaussians
-(sigma ``width / 8`` and ``width``) takes out the halos and the uneven background of phase
+(sigma ``width / 8``, at least 1 px, and ``width``) takes out the halos and the uneven background of phase
 contrast, half the Otsu level of its positive part is the foreground, an opening of a
 quarter width removes thin structures (stalks, fibrils, scratches), and touching particles
 are told apart by the component tree of the signal: a region is split where it falls
@@ -298,6 +298,12 @@ def _filter_regions(found: tuple[pd.DataFrame, np.ndarray], settings: dict[str, 
     return df[DETECTION_COLUMNS + SHAPE_COLUMNS]
 
 
+#: Smallest sigma (px) of the fine Gaussian of the scale-aware foreground: below 1 px the
+#: noise floor of the threshold rises above half the contrast of small particles (3 px wide
+#: rods in shot noise are then not found at all).
+FG_SMOOTH_MIN = 1.0
+#: Noise floor of its threshold (noise sigma of the fine signal, times sqrt 2).
+FG_NOISE = 3.0
 #: Levels of the component tree between the foreground's 1st and 99th signal percentiles.
 TREE_LEVELS = 16
 #: A split must rise this share of the foreground's signal range above the saddle.
@@ -323,7 +329,7 @@ def width_foreground(signal: np.ndarray, width: float) -> tuple[np.ndarray, np.n
     Returns
     -------
     fg : ndarray (y, x) bool
-        Difference of Gaussians (sigma ``width / 8`` minus sigma ``width``) above half the
+        Difference of Gaussians (sigma ``width / 8``, at least :data:`FG_SMOOTH_MIN`, minus sigma ``width``) above half the
         Otsu level of its positive values (at least 3 noise sigma), opened by a disc of a
         quarter width.
     dog : ndarray (y, x)
@@ -333,7 +339,7 @@ def width_foreground(signal: np.ndarray, width: float) -> tuple[np.ndarray, np.n
     """
     from skimage.morphology import disk
 
-    fine = ndimage.gaussian_filter(signal, max(0.5, width / 8))
+    fine = ndimage.gaussian_filter(signal, max(FG_SMOOTH_MIN, width / 8))
     # The wide Gaussian is the local background: halos and illumination at the particle
     # scale go, and in a dense colony each cell is compared with its neighbourhood.
     dog = fine - ndimage.gaussian_filter(signal, width)
@@ -342,7 +348,7 @@ def width_foreground(signal: np.ndarray, width: float) -> tuple[np.ndarray, np.n
         return np.zeros(signal.shape, bool), dog, float("inf")
     # Half the Otsu level of the positive part: Otsu over all values would split the dark
     # halos from the rest instead of the particles from the background.
-    t = max(0.5 * _otsu(positive), 3 * np.sqrt(2) * noise_sigma(fine))
+    t = max(0.5 * _otsu(positive), FG_NOISE * np.sqrt(2) * noise_sigma(fine))
     fg = dog > t
     radius = int(round(width / 4))
     if radius >= 1 and fg.any():
