@@ -128,18 +128,37 @@ def test_pose_spread_matches_the_scatter_of_fits_to_correlated_noise():
 def test_flip_temperature_recovers_an_overconfident_posterior():
     """Pairs that pick the wrong end independently with known rates; the reported flip_prob is
     the true rate made three times too confident (log-odds x 3); the fit must undo it."""
-    from rvae_tools.rvae.uncertainty import _fit_flip_temperature
+    from rvae_tools.rvae.uncertainty import POLARITY_DISAGREEMENT, _fit_flip_temperature
 
     rng = np.random.default_rng(4)
-    n = 20000
-    logit = rng.normal(-1.5, 1.0, n)
+    n = 40000
+    logit = rng.normal(-4.0, 1.0, n)
     p_true = 1 / (1 + np.exp(-logit))
     reported_a = 1 / (1 + np.exp(-3 * logit))
     reported_b = 1 / (1 + np.exp(-3 * (logit + rng.normal(0, 0.1, n))))
     disagree = (rng.random(n) < p_true) != (rng.random(n) < p_true)
+    assert disagree.mean() < POLARITY_DISAGREEMENT       # the ends are told apart
     fit = _fit_flip_temperature(reported_a, reported_b, disagree)
-    assert 2.4 < fit["temperature"] < 3.7, fit
-    out = apply_calibration({"flip_prob": reported_a, "angle_sd": np.ones(n), "dx_sd": np.ones(n), "dy_sd": np.ones(n)},
+    assert 2.4 < fit["temperature"] < 3.7 and fit["resolved"], fit
+    ones = np.ones(n)
+    unit = {"angle": {"scale": 1, "floor": 0}, "shift": {"scale": 1, "floor": 0}}
+    out = apply_calibration({"flip_prob": reported_a, "angle_sd": ones, "dx_sd": ones, "dy_sd": ones}, {**unit, "flip": fit})
+    assert abs(out["flip_prob"].mean() - p_true.mean()) < 0.2 * p_true.mean()
+    assert reported_a.mean() < 0.5 * p_true.mean()     # the test's premise: visibly overconfident
+
+
+def test_a_species_whose_ends_are_confused_gets_its_angle_modulo_pi():
+    from rvae_tools.rvae.uncertainty import _fit_flip_temperature
+
+    rng = np.random.default_rng(5)
+    n = 2000
+    reported = np.full(n, 0.01)                       # confident
+    disagree = (rng.random(n) < 0.3) != (rng.random(n) < 0.3)   # but 30 % of the windows are flipped
+    fit = _fit_flip_temperature(reported, reported, disagree)
+    assert not fit["resolved"]
+    ones = np.ones(n)
+    out = apply_calibration({"flip_prob": reported, "angle_sd": ones, "dx_sd": ones, "dy_sd": ones},
                             {"angle": {"scale": 1, "floor": 0}, "shift": {"scale": 1, "floor": 0}, "flip": fit})
-    assert abs(out["flip_prob"].mean() - p_true.mean()) < 0.02
-    assert abs(reported_a.mean() - p_true.mean()) > 0.03      # the test's premise: visibly overconfident
+    assert np.all(out["flip_prob"] == 0.5)
+    # With both ends equally weighted the true angle is inside as often at either end.
+    assert angle_inside(np.array([0.1, math.pi + 0.1]), np.array([0.2, 0.2]), out["flip_prob"][:2], 0.68).all()

@@ -13,7 +13,8 @@ is fitted so that the intervals of the misses (each has the variance of two wind
 68 % and 95 % of them.
 Misses beyond pi/2 in angle are the other end of the particle (or a symmetry), counted by
 ``flip_prob``, and are left out of the angle fit; for a species whose ends differ they
-calibrate ``flip_prob`` itself (a temperature on its log-odds). ``z`` must not change at all
+calibrate ``flip_prob`` itself (a temperature on its log-odds; 0.5, the angle stated modulo pi, when
+more than :data:`POLARITY_DISAGREEMENT` of the pairs disagree on the end). ``z`` must not change at all
 under these transforms, so its misses calibrate ``z_sd`` the same way. Fitted per species
 by ``encode`` (each species' windows have their own error).
 """
@@ -31,6 +32,11 @@ from scipy.stats import norm
 MAX_SHIFT = 1.0
 #: The nominal coverages the calibration matches and their normal quantiles.
 NOMINAL = ((0.68, 0.994458), (0.95, 1.959964))
+#: Largest share of (window, rotated copy) pairs that may disagree on a species' end for its
+#: polarity to count as resolved. Above it (more than about 5 % of windows on the wrong end,
+#: and flips that both copies share are not even seen) ``flip_prob`` is set to 0.5: the angle is
+#: stated modulo pi, its interval holds both ends.
+POLARITY_DISAGREEMENT = 0.10
 #: Largest pixel lag (px, each axis) of the residual's autocovariance in :func:`pose_covariance`.
 #: The misfit of a decoded template is smooth over about the blur of the particle's edge; on the
 #: simulated demo the spreads stop growing beyond a lag of 3 px.
@@ -160,7 +166,8 @@ def _fit_flip_temperature(flip_a: np.ndarray, flip_b: np.ndarray, disagree: np.n
         nll = -np.sum(np.where(d, np.log(p), np.log(1 - p)))
         if nll < best[0]:
             best = (nll, float(t))
-    return {"temperature": best[1], "n": int(d.size), "pair_disagreement": float(d.mean())}
+    return {"temperature": best[1], "n": int(d.size), "pair_disagreement": float(d.mean()),
+            "resolved": bool(d.mean() <= POLARITY_DISAGREEMENT)}
 
 
 def fit_calibration(encode, windows: np.ndarray, seed: int = 0, flip: bool = False) -> dict[str, Any]:
@@ -195,7 +202,13 @@ def fit_calibration(encode, windows: np.ndarray, seed: int = 0, flip: bool = Fal
     b = encode(transform_windows(windows, phi, delta))
     miss = np.remainder(b["angle"] - a["angle"] - phi + math.pi, 2 * math.pi) - math.pi
     same_end = np.abs(miss) <= math.pi / 2
-    angle = _fit_variance(miss[same_end], a["angle_sd"][same_end] ** 2 + b["angle_sd"][same_end] ** 2)
+    flips = _fit_flip_temperature(a["flip_prob"], b["flip_prob"], ~same_end) if flip and "flip_prob" in a else None
+    if flips is not None and not flips["resolved"]:
+        # The ends are not told apart: the angle is known modulo pi, and so are its misses.
+        near = np.remainder(miss + math.pi / 2, math.pi) - math.pi / 2
+        angle = _fit_variance(near, a["angle_sd"] ** 2 + b["angle_sd"] ** 2)
+    else:
+        angle = _fit_variance(miss[same_end], a["angle_sd"][same_end] ** 2 + b["angle_sd"][same_end] ** 2)
     c, s = np.cos(phi), np.sin(phi)
     want_x = c * a["dx"] - s * a["dy"] + delta[:, 0]
     want_y = s * a["dx"] + c * a["dy"] + delta[:, 1]
@@ -209,8 +222,8 @@ def fit_calibration(encode, windows: np.ndarray, seed: int = 0, flip: bool = Fal
     if "z" in a and np.ndim(a["z"]) == 2:
         out["z"] = [_fit_variance(b["z"][:, j] - a["z"][:, j], a["z_sd"][:, j] ** 2 + b["z_sd"][:, j] ** 2)
                     for j in range(np.shape(a["z"])[1])]
-    if flip and "flip_prob" in a:
-        out["flip"] = _fit_flip_temperature(a["flip_prob"], b["flip_prob"], ~same_end)
+    if flips is not None:
+        out["flip"] = flips
     return out
 
 
@@ -236,7 +249,8 @@ def apply_calibration(out: dict[str, np.ndarray], calibration: dict[str, Any] | 
     if "flip" in calibration and "flip_prob" in out:
         f = np.clip(np.asarray(out["flip_prob"], dtype=np.float64), 1e-6, 1 - 1e-6)
         t = float(calibration["flip"]["temperature"])
-        out["flip_prob"] = np.where(np.isfinite(f), 1 / (1 + np.exp(-np.log(f / (1 - f)) / t)), np.nan).astype(np.float32)
+        tempered = 1 / (1 + np.exp(-np.log(f / (1 - f)) / t)) if calibration["flip"].get("resolved", True) else 0.5
+        out["flip_prob"] = np.where(np.isfinite(f), tempered, np.nan).astype(np.float32)
     return out
 
 
