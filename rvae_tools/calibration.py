@@ -276,10 +276,16 @@ def lab_frame(ds: xr.Dataset, model: Any, settings: dict[str, Any] | None = None
         source = "cls"
     elif how in ("auto", "latent") and z.shape[2] > 0:
         labels, info = species_mod.find_species(zmean, seed=int(settings.get("seed") or 0))
-        table = [{"name": f"species{k}", "source": "latent"} for k in range(info["n_species"])]
+        components = info["n_species"]
+        # z also tracks what is not shape (background tilt, contrast), so the mixture may split
+        # one shape; components whose decoded templates show one shape are one species.
+        labels = species_mod.merge_species(labels, species_mod.species_templates(model, np.asarray(info["means"])))
+        n_species = int(labels.max()) + 1 if (labels >= 0).any() else 1
+        table = [{"name": f"species{k}", "source": "latent"} for k in range(n_species)]
         source = "latent"
-        log.info("species from a Gaussian mixture over the trajectories' mean z: %d (BIC %s)",
-                 info["n_species"], ", ".join(f"{b:.1f}" for b in info["bic"]))
+        log.info("species from a Gaussian mixture over the trajectories' mean z: %d components (BIC %s), "
+                 "%d species after merging components of one template shape (similarity >= %.2f)",
+                 components, ", ".join(f"{b:.1f}" for b in info["bic"]), n_species, species_mod.SAME_SHAPE)
     else:
         labels = np.where(np.isfinite(zmean).all(axis=1), 0, -1) if z.shape[2] else np.zeros(n_particles, np.int64)
         table = [{"name": "particle", "source": "single"}]

@@ -18,6 +18,14 @@ and ``n`` is the largest order up to ``max_order`` with ``C(2 pi / n) >= thresho
 (:func:`symmetry_order`). A template whose anisotropic energy is below ``isotropy`` of its
 total contrast energy is *isotropic* (spheres, discs): it gets ``n = 0``, meaning "no
 orientation", and downstream stages skip angle-based order parameters for it.
+
+A mixture over ``z`` splits one shape into several components when ``z`` also tracks
+something else (background tilt, contrast, focus). Components are therefore merged when their
+decoded templates show the same shape (:func:`merge_by_template`): the similarity of two
+templates is the correlation of their anisotropic parts (each ring minus its mean, weighted by
+``sqrt(r)`` so that the product carries the polar area element), maximised over a rotation of
+one against the other (:func:`template_similarity`); components are joined by average linkage
+on ``1 - similarity`` and cut at similarity :data:`SAME_SHAPE`.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ THRESHOLD = 0.8
 ISOTROPY = 0.03
 #: Most species looked for by the mixture.
 MAX_SPECIES = 6
+#: Template similarity above which two mixture components are one species (same-shape
+#: components of the demo score 0.96-0.98, a rod against a tadpole 0.68-0.78).
+SAME_SHAPE = 0.9
 #: Angular samples of the polar grid (the power spectrum then reaches harmonic ANGLES / 2).
 ANGLES = 256
 
@@ -135,6 +146,105 @@ def symmetry_order(
 
 
 # --------------------------------------------------------------------------- species
+
+
+def _anisotropic_rings(template: np.ndarray, n_angles: int = ANGLES) -> tuple[np.ndarray, np.ndarray]:
+    """Each ring of the polar template minus its mean, weighted by ``sqrt(r)``, and the weighted ring means."""
+    polar, radii = polar_template(template, n_angles)
+    mean = polar.mean(1, keepdims=True)
+    w = np.sqrt(radii)[:, None]
+    return (polar - mean) * w, (mean * w).ravel()
+
+
+def template_similarity(a: np.ndarray, b: np.ndarray, n_angles: int = ANGLES) -> float:
+    """Shape similarity of two centred templates, in [-1, 1] (1 = one shape, at any rotation).
+
+    The correlation of their anisotropic parts (rings minus their means, weight ``sqrt(r)``),
+    maximised over the rotation of ``b`` against ``a`` (all ``n_angles`` rotations, by FFT
+    along the angle). Contrast and brightness do not count; polarity does (a dark particle on a
+    bright background is not a bright one). Two isotropic templates (anisotropic share below
+    :data:`ISOTROPY`) are compared by their radial profiles instead; an isotropic template
+    against an anisotropic one scores 0.
+
+    Parameters
+    ----------
+    a, b : ndarray (wy, wx)
+        Templates of one window size, centred on the window centre.
+    n_angles : int
+        Angular samples of the polar grid (rotation step ``2 pi / n_angles``).
+    """
+    iso_a, iso_b = anisotropy(a, n_angles) < ISOTROPY, anisotropy(b, n_angles) < ISOTROPY
+    if iso_a != iso_b:
+        return 0.0
+    ra, ma = _anisotropic_rings(a, n_angles)
+    rb, mb = _anisotropic_rings(b, n_angles)
+    if iso_a:
+        ma, mb = ma - ma.mean(), mb - mb.mean()
+        norm = np.linalg.norm(ma) * np.linalg.norm(mb)
+        return float(ma @ mb / norm) if norm > 0 else 1.0
+    norm = np.linalg.norm(ra) * np.linalg.norm(rb)
+    if norm <= 0:
+        return 0.0
+    # circular cross-correlation over the rotation, summed over the rings
+    corr = np.fft.irfft((np.fft.rfft(ra, axis=1).conj() * np.fft.rfft(rb, axis=1)).sum(0), n=n_angles)
+    return float(corr.max() / norm)
+
+
+def merge_by_template(templates: np.ndarray, *, same_shape: float = SAME_SHAPE) -> np.ndarray:
+    """Groups of templates of one shape: average linkage on ``1 - similarity``, cut at ``same_shape``.
+
+    Parameters
+    ----------
+    templates : ndarray (components, wy, wx)
+        Decoded upright template of every mixture component.
+    same_shape : float
+        Similarity (see :func:`template_similarity`) above which two groups are one species.
+
+    Returns
+    -------
+    int ndarray (components,)
+        Group of every component, numbered 0.. in order of each group's first component.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    n = len(templates)
+    if n < 2:
+        return np.zeros(n, dtype=np.int64)
+    dist = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            dist[i, j] = dist[j, i] = 1.0 - template_similarity(templates[i], templates[j])
+    groups = fcluster(linkage(squareform(np.clip(dist, 0, None), checks=False), method="average"),
+                      t=1.0 - same_shape, criterion="distance")
+    first = {g: k for k, g in reversed(list(enumerate(groups)))}
+    order = sorted(first, key=first.get)
+    return np.array([order.index(g) for g in groups], dtype=np.int64)
+
+
+def merge_species(species: np.ndarray, templates: np.ndarray, *, same_shape: float = SAME_SHAPE) -> np.ndarray:
+    """Trajectory species after merging the mixture components whose templates show one shape.
+
+    Parameters
+    ----------
+    species : int ndarray (particle,)
+        Component of every trajectory (-1 = unknown, kept).
+    templates : ndarray (components, wy, wx)
+        Decoded upright template of every component.
+    same_shape : float
+        See :func:`merge_by_template`.
+
+    Returns
+    -------
+    int ndarray (particle,)
+        Species index; merged species keep the order of their first component.
+    """
+    species = np.asarray(species, dtype=np.int64)
+    groups = merge_by_template(templates, same_shape=same_shape)
+    out = np.full_like(species, -1)
+    known = species >= 0
+    out[known] = groups[species[known]]
+    return out
 
 
 def find_species(

@@ -7,7 +7,14 @@ import pytest
 from scipy import ndimage
 from skimage.draw import polygon
 
-from rvae_tools.species import find_species, symmetry_order
+from rvae_tools.species import (
+    SAME_SHAPE,
+    find_species,
+    merge_by_template,
+    merge_species,
+    symmetry_order,
+    template_similarity,
+)
 
 S = 33  # template side, px
 
@@ -72,3 +79,65 @@ def test_species_from_z_by_bic():
     assert np.mean(species[ok] == expected[ok]) > 0.97
     one, info1 = find_species(rng.normal(0, 1, (60, 2)), seed=0)
     assert info1["n_species"] == 1 and set(one) == {0}
+
+
+def _seen(name: str, rng: np.random.Generator) -> np.ndarray:
+    """The shape at a random angle, contrast and brightness, on a slightly tilted background, noisy."""
+    yy, xx = np.mgrid[0:S, 0:S] - (S - 1) / 2
+    tilt = rng.uniform(-0.002, 0.002, 2)  # up to 6 % of the window's contrast across it
+    img = ndimage.gaussian_filter(shape(name, rng.uniform(-np.pi, np.pi)), 1.0)
+    return img * rng.uniform(0.6, 1.0) + rng.uniform(0, 0.3) + tilt[0] * xx + tilt[1] * yy + rng.normal(0, 0.02, (S, S))
+
+
+def test_template_similarity_sees_the_shape_not_its_angle_or_contrast():
+    rng = np.random.default_rng(11)
+    names = ["tadpole", "rod", "triangle", "star"]
+    seen = {name: [_seen(name, rng) for _ in range(3)] for name in names}
+    for i, a in enumerate(names):
+        for b in names[i:]:
+            sims = [template_similarity(x, y) for x in seen[a] for y in seen[b] if x is not y]
+            if a == b:
+                assert min(sims) > SAME_SHAPE, (a, np.round(sims, 3))
+            else:
+                assert max(sims) < 0.8, (a, b, np.round(sims, 3))
+
+
+@pytest.mark.parametrize("names", [["rod"], ["rod", "tadpole"], ["tadpole", "rod", "triangle"],
+                                   ["star", "triangle", "rod", "tadpole"]])
+def test_components_of_one_shape_merge_into_one_species(names):
+    """Each true species split over 2-3 mixture components (as z tracking a tilt would split it)."""
+    rng = np.random.default_rng(len(names))
+    templates, truth = [], []
+    for k, name in enumerate(names):
+        for _ in range(rng.integers(2, 4)):
+            templates.append(_seen(name, rng))
+            truth.append(k)
+    perm = rng.permutation(len(templates))  # components come in the mixture's order, not by species
+    templates, truth = np.asarray(templates)[perm], np.asarray(truth)[perm]
+    groups = merge_by_template(templates)
+    assert groups.max() + 1 == len(names)
+    assert all(len(set(groups[truth == k])) == 1 for k in range(len(names)))  # one group per species
+    component = np.r_[rng.integers(0, len(templates), 50), -1]
+    species = merge_species(component, templates)
+    assert species[-1] == -1 and np.array_equal(species[:-1], groups[component[:-1]])
+
+
+def test_spheres_of_two_sizes_and_an_ellipse_drawn_otherwise_stay_apart():
+    """Templates made another way (skimage's ellipse, Gaussian spheres): sizes and shapes kept apart."""
+    from skimage.draw import ellipse
+
+    rng = np.random.default_rng(5)
+
+    def sphere(sigma):
+        yy, xx = np.mgrid[0:S, 0:S] - (S - 1) / 2
+        return np.exp(-(xx ** 2 + yy ** 2) / (2 * sigma ** 2)) + rng.normal(0, 0.01, (S, S))
+
+    def rod(angle):
+        img = np.zeros((S, S))
+        rr, cc = ellipse(S // 2, S // 2, 3, 10, img.shape, rotation=angle)
+        img[rr, cc] = 1.0
+        return ndimage.gaussian_filter(img, 1.0) + rng.normal(0, 0.01, (S, S))
+
+    templates = np.array([sphere(3.0), sphere(3.2), sphere(7.0), sphere(7.3), rod(0.2), rod(1.4)])
+    groups = merge_by_template(templates)
+    assert list(groups) == [0, 0, 1, 1, 2, 2], groups
