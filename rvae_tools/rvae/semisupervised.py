@@ -400,20 +400,6 @@ class ClassRVAE(RVAE):
             terms = terms + lam * (mean_q * (mean_q.log() - prior.log())).sum()
         return terms
 
-    def _responsibilities(self, x: torch.Tensor, enc: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Rotation posterior given the posterior means and the most probable class."""
-        mask = torch.isfinite(x)
-        x0 = torch.nan_to_num(x, nan=0.0)
-        zy = self._with_class(enc["z_mu"], enc["class_logits"].argmax(1))
-        decoded = self.decoder(zy, enc["theta_mu"], enc["t_mu"]).float()
-        decoded = decoded + self._background(x0, mask)[:, None, None, None]
-        mm = mask[:, None].float() if not bool(mask.all()) else None
-        if self.settings["likelihood"] == "bernoulli":
-            rec = losses.bernoulli_nll(x0[:, None], decoded, mm)
-        else:
-            rec = losses.gaussian_nll(x0[:, None], decoded, self._noise_sd(), mm)
-        return torch.softmax(self.log_rotation_prior[None] - rec, dim=1)
-
     # ------------------------------------------------------------------ training
 
     def fit(self, windows, *, labels: np.ndarray | None = None, **kwargs):
