@@ -18,7 +18,7 @@ import torch
 from ..errors import InputError
 from . import losses
 from .checkpoint import FORMAT, FORMAT_VERSION, check_compatible, read_checkpoint
-from .networks import NoPoseEncoder, TemplateDecoder, build_decoder, build_encoder
+from .networks import NoPoseEncoder, TemplateDecoder, build_decoder, build_encoder, row_median
 from .trainer import fit as _fit
 from .uncertainty import pose_covariance
 
@@ -267,6 +267,8 @@ class RVAE:
         """
         if self.settings["background"] != "median" or self.settings["likelihood"] == "bernoulli":
             return torch.zeros(x.shape[0], device=x.device, dtype=torch.float32)
+        if bool(mask.all()):
+            return row_median(x.flatten(1).float())
         flat = torch.where(mask, x, torch.nan).flatten(1).float()
         return torch.nan_to_num(flat.nanmedian(dim=1).values, nan=0.0)
 

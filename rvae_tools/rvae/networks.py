@@ -26,9 +26,28 @@ import itertools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def row_median(flat: torch.Tensor) -> torch.Tensor:
+    """The lower median of every row of ``flat`` (B, n), as ``torch.median(dim=1)`` gives it.
+
+    On the CPU, outside autograd, a partial sort (``numpy.partition``) finds it in about half
+    the time of torch's full sort; window medians were a fifth of the encoder-only encoding
+    time. Rows with NaN give NaN either way.
+    """
+    if flat.device.type != "cpu" or flat.requires_grad or flat.shape[1] == 0:
+        return flat.median(dim=1).values
+    k = (flat.shape[1] - 1) // 2
+    values = flat.detach().numpy() if flat.dtype in (torch.float32, torch.float64) else None
+    if values is None:
+        return flat.median(dim=1).values
+    out = torch.from_numpy(np.partition(values, k, axis=1)[:, k].copy())
+    # numpy sorts NaN last, torch's median propagates it: keep torch's answer for such rows.
+    return torch.where(torch.isnan(flat).any(1), torch.full_like(out, math.nan), out)
 
 
 def pixel_grid(wy: int, wx: int) -> torch.Tensor:
@@ -242,7 +261,7 @@ class ShiftEncoder(nn.Module):
 
     def centroid(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(1)
-        background = flat.median(dim=1).values[:, None, None]
+        background = row_median(flat)[:, None, None]
         w = (x - background).clamp(min=0) * self.aperture
         total = w.sum(dim=(1, 2)).clamp(min=1e-6)
         cx = (w * self.grid[..., 0]).sum(dim=(1, 2)) / total
