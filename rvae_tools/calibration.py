@@ -6,7 +6,7 @@ arbitrary, and whose sense of rotation is a property of the network, so the raw 
 offset and possibly a sign, for each species (each has its own template). This module fits
 both, per species, and stores
 
-    angle = wrap(sense * angle_raw + offset)            in [-pi, pi)
+    angle = wrap(sense * (angle_raw + angle_shape_correction) + offset)   in [-pi, pi)
 
 **Convention.** ``angle`` is measured from the image +x axis (increasing column) towards the
 image +y axis (increasing row): counter-clockwise in (x, y) pixel coordinates, which on a
@@ -29,6 +29,15 @@ moment (towards the end whose intensity reaches further from the centre). Isotro
    n-th angular moment; n = 2 is the principal axis of the second moments) against the raw
    angle it was decoded at. For n = 1 an elongated template's axis gives the offset and its
    third moment only which end is the head.
+
+**Each window's own shape.** A window's ``z`` bends or tilts its upright template a little
+against the species' template (a rod seen a little curved, a neighbour's halo), so its raw angle
+rotates *its* template, not the species'. For two-fold species the raw angle is therefore first
+moved by the principal axis of the window's own upright template (decoded at angle 0) less that
+of the species' template (:func:`shape_correction`), so that every raw angle is the angle at
+which the *species'* template lies as the window's particle does; the calibration then fits
+these corrected angles. The correction is kept as ``angle_shape_correction``; a model told
+each window's angle (``condition: angle``) is not corrected.
 
 The residual is the circular spread (rad) of ``reference - (s angle_raw + offset)`` modulo the
 fit's period, ``sqrt(-2 ln R) / k`` with ``R`` the resultant and ``k`` = 2 (moments) or n.
@@ -118,6 +127,44 @@ def template_orientation(image: np.ndarray, order: int) -> float:
     n = max(int(order), 1)
     moment = (w * c ** n * (np.abs(c) ** 2 if n == 1 else 1.0)).sum()
     return float(wrap(np.angle(moment) / n, 2 * np.pi / n))
+
+
+def _principal_axes(images: np.ndarray) -> np.ndarray:
+    """Major axis (rad, modulo pi) of each centred image of a stack, weighted as :func:`template_orientation`."""
+    t = np.asarray(images, dtype=np.float64)
+    _, wy, wx = t.shape
+    yy, xx = np.mgrid[0:wy, 0:wx]
+    c = (xx - (wx - 1) / 2.0) + 1j * (yy - (wy - 1) / 2.0)
+    w = np.abs(t - np.median(t.reshape(t.shape[0], -1), axis=1)[:, None, None])
+    w = np.clip(w - 0.2 * w.max(axis=(1, 2), keepdims=True), 0, None) * (np.abs(c) <= min(wy, wx) / 2.0)
+    return wrap(np.angle((w * c ** 2).sum(axis=(1, 2))) / 2, np.pi)
+
+
+def shape_correction(model: Any, z: np.ndarray, zmean: np.ndarray) -> np.ndarray:
+    """Principal axis of each window's upright template less the species template's (rad, modulo pi).
+
+    Parameters
+    ----------
+    model : RVAE
+        Decodes the templates.
+    z : ndarray (windows, k)
+        Each window's content latent.
+    zmean : ndarray (k,)
+        The species' mean content latent.
+
+    Returns
+    -------
+    ndarray (windows,) rad in ``[-pi / 2, pi / 2)``
+        Add to the window's raw angle to get the raw angle at which the species' template has
+        the window template's axis (the decoder turns every template by the same raw angle).
+    """
+    z = np.atleast_2d(np.asarray(z, dtype=np.float32))
+    reference = _principal_axes(model.decode(np.atleast_2d(np.asarray(zmean, dtype=np.float32)), angle=np.zeros(1)))
+    out = np.empty(z.shape[0])
+    for start in range(0, z.shape[0], 1024):  # decoded windows stay a few MB at a time
+        part = z[start:start + 1024]
+        out[start:start + part.shape[0]] = _principal_axes(model.decode(part, angle=np.zeros(part.shape[0])))
+    return wrap(out - reference[0], np.pi)
 
 
 def fit_template(model: Any, zmean: np.ndarray, order: int, n_angles: int = TEMPLATE_ANGLES) -> dict[str, Any]:
@@ -293,8 +340,11 @@ def lab_frame(ds: xr.Dataset, model: Any, settings: dict[str, Any] | None = None
     means = species_mod.species_means(zmean, labels, len(table))
     templates = species_mod.species_templates(model, means)
 
+    # A model told each window's angle (condition: angle) keeps it: that angle is the user's.
+    given_angles = (getattr(model, "settings", None) or {}).get("condition") == "angle"
     calibrations = []
     lab = np.full_like(raw, np.nan)
+    correction = np.full_like(raw, np.nan)
     for k, entry in enumerate(table):
         if symmetry == "auto" or symmetry is None:
             entry["symmetry"] = species_mod.symmetry_order(templates[k])
@@ -304,17 +354,25 @@ def lab_frame(ds: xr.Dataset, model: Any, settings: dict[str, Any] | None = None
             entry["symmetry_from"] = "config"
         rows = labels == k
         sel = rows[:, None] & np.isfinite(raw)
+        if entry["symmetry"] == 2 and z.shape[2] > 0 and not given_angles:
+            # Two-fold species: each window's raw angle turns its own template (see module doc).
+            sel &= np.isfinite(z).all(axis=2)
+            correction[sel] = shape_correction(model, z[sel], means[k])
+        turned = raw + np.nan_to_num(correction)
         cal = calibrate_species(
-            model, means[k], entry["symmetry"], raw[sel],
+            model, means[k], entry["symmetry"], turned[sel],
             None if window_orientation is None else np.asarray(window_orientation)[sel],
             None if window_eccentricity is None else np.asarray(window_eccentricity)[sel],
         )
+        done = correction[sel][np.isfinite(correction[sel])]
+        cal["shape_correction_rms"] = float(np.sqrt(np.mean(done ** 2))) if done.size else float("nan")
         calibrations.append({"species": entry["name"], **cal})
         if entry["symmetry"] >= 1 and np.isfinite(cal["offset"]):
-            lab[rows] = to_lab(raw[rows], cal["sense"], cal["offset"])
+            lab[rows] = to_lab(turned[rows], cal["sense"], cal["offset"])
         log.info("species %s: symmetry %d (%s), angle calibration %s: sense %+d, offset %.1f deg, residual %.1f deg "
-                 "(%d windows)", entry["name"], entry["symmetry"], entry["symmetry_from"], cal["method"],
-                 cal["sense"], np.degrees(cal["offset"]), np.degrees(cal["residual"]), cal["n_windows"])
+                 "(%d windows), per-window shape correction rms %.1f deg", entry["name"], entry["symmetry"],
+                 entry["symmetry_from"], cal["method"], cal["sense"], np.degrees(cal["offset"]),
+                 np.degrees(cal["residual"]), cal["n_windows"], np.degrees(cal["shape_correction_rms"]))
 
     out = ds.copy()
     angle_attrs = dict(ds["angle"].attrs)
@@ -323,6 +381,9 @@ def lab_frame(ds: xr.Dataset, model: Any, settings: dict[str, Any] | None = None
     out["angle"] = (("particle", "frame"), lab.astype(np.float32), {
         **angle_attrs, "units": "rad", "convention": CONVENTION,
         "description": "orientation in the lab frame (calibrated angle_raw); NaN for isotropic species"})
+    out["angle_shape_correction"] = (("particle", "frame"), correction.astype(np.float32), {
+        "units": "rad", "description": "principal axis of the window's own upright template less its species' "
+        "template's, added to angle_raw before calibration (two-fold species; NaN elsewhere)"})
     out = out.assign_coords(species=("particle", labels.astype(np.int64), {
         "description": "species index of the trajectory (into the 'species' attribute; -1 = unknown)"}))
     out.attrs.update({
