@@ -302,15 +302,15 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
         raise InputError(f"inspect: particles are {length:.0f} px long, larger than a third of the {h} x {w} px frame; "
                          "crop less or bin the movie less")
     # The scale-aware detector needs the width it measures: start from the plain threshold's
-    # regions and take the width of the regions it finds, twice (it settles by then). Each
-    # region counts by its area: thin debris (stalks, fibrils, texture) breaks into many small
-    # regions that would outvote the particles in a plain median, but holds little area.
-    scale = _particle_width(det)
-    for _ in range(2):
-        try:
-            scale = _particle_width(detect({**settings, "width": scale})[1])
-        except InputError:
-            break  # nothing at this scale: keep the plain threshold's
+    # typical regions and take the width of the regions the scale-aware detector finds there,
+    # once. Those count by their area (see _particle_width): thin debris breaks into many small
+    # regions that would outvote the particles in a plain median. Starting from the area-weighted
+    # width instead, or iterating further, lets unsplit side-by-side clumps widen it each round.
+    scale = max(float(typical["minor_axis"].median()), 2.0)
+    try:
+        scale = _particle_width(detect({**settings, "width": scale})[1])
+    except InputError:
+        pass  # nothing at this scale: keep the plain threshold's
     # From the second moments (one level for both axes), so a round particle reads 1.
     elongation = float((typical["major_axis"] / typical["minor_axis"].clip(lower=0.5)).median())
     signal = np.concatenate([(-residuals[i] if dark else residuals[i])[

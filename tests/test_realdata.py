@@ -89,3 +89,23 @@ def test_classical_detector_on_a_real_dense_colony_crop():
     assert s["polarity_dark"] == 1.0
     assert s["pairs"] >= 140 and s["orientation"] >= 0.97
     assert s["f1"] >= 0.83
+
+
+@pytest.mark.parametrize("name", ["caulo_15", "e1t1_crop"])
+def test_inspected_detector_width_follows_the_cells(name):
+    """The width the detector runs at is the cells', not their stalks' or their clumps'.
+
+    caulo_15's stalks break into many thin regions that outvoted its 14 cells in a plain
+    median (3.1 px against the masks' 10 px); e1t1_crop's side-by-side clumps, weighted by
+    area alone, drove it to 33 px against 16.
+    """
+    import tifffile
+
+    from rvae_tools.inspect import inspect_frames
+
+    bench = _bench()
+    masks = tifffile.imread(RODS / "masks" / f"{name}_cp_masks.tif")
+    ref = bench.mask_reference(masks)
+    cell_width = float(ref.loc[ref["body"], "width"].median())
+    inspection, _ = inspect_frames({0: tifffile.imread(RODS / f"{name}.tif").astype(np.float64)})
+    assert 0.5 * cell_width <= inspection["width_scale"] <= 1.2 * cell_width

@@ -31,9 +31,13 @@ continuously). Every window is scored against every grid rotation on the low fre
 being linear in ``z``, by all contents); the ``pose_components`` best are decoded exactly and
 the rotation is summed out over them:
 ``-log sum_n p(n) p(x | R_n, z, d)`` (a truncated mixture: a valid lower bound), exactly as
-the 2D equivariant encoder's discrete rotations are marginalised. At encoding the best grid
-rotation is refined continuously (Gauss-Newton on the rotation vector and the shift), and the
-spread combines the grid posterior with the refinement's Laplace covariance.
+the 2D equivariant encoder's discrete rotations are marginalised. At encoding the grid's
+``ENCODE_CANDIDATES`` best distinct peaks are each moved to the best rotation and shift of their
+cell (a pattern search on the band-limited residual, radius halved per level), the best of them
+is refined continuously (Gauss-Newton on the rotation vector and the shift, all frequencies),
+and the spread combines the grid posterior with the refinement's Laplace covariance. On a grid
+of cells ~20 deg wide the best-scoring cell is often not the one holding the true pose (its
+centre can be ~15 deg away from it), which is why several peaks are searched.
 
 Priors on the rotation: uniform on SO(3), or "lying flat" (:func:`.so3.watson_log_prior`).
 """
@@ -58,9 +62,22 @@ SEARCH_BAND = 0.2
 #: Gauss-Newton steps of the continuous refinement at encoding, and its finite-difference steps.
 REFINE_STEPS = 3
 _EPS_ROT, _EPS_SHIFT = 1e-2, 0.05
+#: Levels of the local pattern search that moves every grid component to the best rotation of
+#: its cell (radius halved per level from half the covering radius: 1/16 of it at the end).
+LOCAL_LEVELS = 4
+#: Distinct grid peaks (non-maximum suppressed within one covering radius) searched locally at
+#: encoding; the best after the local search is refined by Gauss-Newton. Several, because on a
+#: coarse grid the cell holding the true pose need not be the best-scoring cell.
+ENCODE_CANDIDATES = 8
 MODEL_KIND = "rvae3d"
 #: Smallest window (pixels per side) the projection model takes.
 MIN_WINDOW = 8
+#: Unit offsets (rotation vectors) of the local search: the centre, the six axis directions and
+#: the eight cube diagonals, so every direction lies within 55 deg of an offset.
+_PATTERN = np.concatenate([np.zeros((1, 3)), np.eye(3), -np.eye(3),
+                           np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)]) / math.sqrt(3)])
+#: Unit offsets (px) of the local search's shift step: the centre and its 8 neighbours.
+_SHIFT_PATTERN = torch.tensor([[a, b] for a in (0.0, -1.0, 1.0) for b in (0.0, -1.0, 1.0)])
 
 
 # --------------------------------------------------------------------------- sampling (torch)
@@ -182,6 +199,33 @@ class ProjectionDecoder(nn.Module):
         img = torch.fft.irfft2(full, s=(self.pad, self.pad))
         return img[..., :wy, :wx]
 
+    def band_window(self, x: torch.Tensor, shift_px: torch.Tensor) -> torch.Tensor:
+        """The band-limited transform (B, M) of windows ``x`` (B, H, W), moved back by their shifts (px)."""
+        wy, wx = self.window_size
+        big = x.new_zeros(x.shape[0], self.pad, self.pad)
+        big[:, :wy, :wx] = x
+        return torch.fft.rfft2(big)[:, self.band] * self.phase(shift_px, self.band_k).conj()
+
+    def local_scores(self, spec: torch.Tensor, rot: torch.Tensor, xf: torch.Tensor, z: torch.Tensor,
+                     shift_px: torch.Tensor | None = None) -> torch.Tensor:
+        """Band-limited squared residuals (B, L, S) at per-window rotations (B, L, 3, 3) and extra shifts (B, S, 2) px.
+
+        ``xf`` (B, M) is :meth:`band_window`'s transform; the same quantity as
+        :meth:`search_scores` (up to the window's band energy, a constant per window), for
+        rotations and shifts that differ between windows. A shift only multiplies the window's
+        transform by a phase ramp, so trying several costs no further slices.
+        """
+        sl = self.slices(spec, rot, self.band_k)                                                 # (B, L, M, k+1)
+        coef = torch.cat([z.new_ones(z.shape[0], 1), z], 1).to(sl.real.dtype)
+        pred = (sl * coef[:, None, None, :]).sum(-1)                                             # (B, L, M)
+        if shift_px is None:
+            moved = xf[:, None]
+        else:
+            arg = 2 * math.pi * (shift_px[..., 0, None] * self.band_k[:, 0] + shift_px[..., 1, None] * self.band_k[:, 1]) / self.pad
+            moved = xf[:, None] * torch.polar(torch.ones_like(arg), arg)                          # (B, S, M)
+        diff = moved[:, None] - pred[:, :, None]                                                 # (B, L, S, M)
+        return ((diff.real ** 2 + diff.imag ** 2) * self.band_w).sum(-1)
+
     def search_scores(self, spec: torch.Tensor, rot: torch.Tensor, x: torch.Tensor, shift_px: torch.Tensor,
                       z: torch.Tensor) -> torch.Tensor:
         """Band-limited squared residuals (B, N) of windows ``x`` (B, H, W) against every rotation (N, 3, 3).
@@ -190,10 +234,7 @@ class ProjectionDecoder(nn.Module):
         ``SEARCH_BAND``, with the window moved back by its shift (a phase ramp). Shared slices:
         one interpolation per grid rotation for the whole batch.
         """
-        wy, wx = self.window_size
-        big = x.new_zeros(x.shape[0], self.pad, self.pad)
-        big[:, :wy, :wx] = x
-        xf = torch.fft.rfft2(big)[:, self.band] * self.phase(shift_px, self.band_k).conj()      # (B, M)
+        xf = self.band_window(x, shift_px)                                                       # (B, M)
         sl = self.slices(spec, rot, self.band_k)                                                 # (N, M, k+1)
         w = self.band_w
         coef = torch.cat([z.new_ones(z.shape[0], 1), z], 1)                                      # (B, k+1)
@@ -347,6 +388,62 @@ class RVAE3D(RVAE):
         parts = {"rec": rec_w, "kl_z": kl_z, "kl_angle": kl_rot, "kl_shift": kl_t}
         return total.mean(), parts
 
+    def _local_search(self, spec: torch.Tensor, xf: torch.Tensor, z: torch.Tensor, q: np.ndarray,
+                      levels: int | None = None) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """Move every candidate rotation (B, T, 4) to the best rotation of its grid cell, and its shift with it.
+
+        A pattern search on the band-limited residual (:meth:`ProjectionDecoder.local_scores`):
+        per level the candidate and its 14 neighbours at radius ``r`` (perturbations in the body
+        frame) are scored and the best kept, then the shift's 8 neighbours at ``h`` px, then
+        ``r`` and ``h`` are halved, from half the grid's covering radius and 1 px. The shift is
+        searched too because the encoder's shift is only a first guess (a wrong shift drags the
+        rotation off). The current point is among those scored, so no residual grows.
+
+        Returns the rotations (B, T, 4), the extra shifts (B, T, 2) px (added to the shift
+        ``xf`` was moved back by) and their band-limited residuals (B, T).
+        """
+        levels = LOCAL_LEVELS if levels is None else int(levels)
+        b, t = q.shape[:2]
+        dev = xf.device
+        radius, h = 0.5 * self.covering, 1.0
+        shift = xf.new_zeros(b, t, 2, dtype=torch.float32)
+        rows = torch.arange(b, device=dev)[:, None]
+        score = None
+        for _ in range(levels):
+            step = so3.from_rotvec(_PATTERN * radius)                                          # (15, 4)
+            cand = so3.multiply(q[:, :, None], step[None, None])                               # (B, T, 15, 4)
+            rot = torch.from_numpy(so3.to_matrix(cand).astype(np.float32)).to(dev).reshape(b, t * len(step), 3, 3)
+            # Each candidate's own shift: score all (rotation, shift) pairs and keep the diagonal.
+            sc = self.decoder.local_scores(spec, rot, xf, z, shift).reshape(b, t, len(step), t)
+            sc = sc[:, torch.arange(t), :, torch.arange(t)].permute(1, 0, 2)                    # (B, T, 15)
+            _, best = sc.min(-1)
+            q = np.take_along_axis(cand, best.cpu().numpy()[..., None, None], 2)[:, :, 0]
+            rot = torch.from_numpy(so3.to_matrix(q).astype(np.float32)).to(dev)               # (B, T, 3, 3)
+            trial = (shift[:, :, None] + h * _SHIFT_PATTERN.to(dev)[None, None]).reshape(b, t * 9, 2)
+            sc = self.decoder.local_scores(spec, rot, xf, z, trial).reshape(b, t, t, 9)
+            sc = sc[:, torch.arange(t), torch.arange(t)]                                        # (B, T, 9)
+            score, best = sc.min(-1)
+            shift = trial.reshape(b, t, 9, 2)[rows, torch.arange(t, device=dev)[None], best]
+            radius, h = 0.5 * radius, 0.5 * h
+        if score is None:
+            rot = torch.from_numpy(so3.to_matrix(q).astype(np.float32)).to(dev)
+            score = self.decoder.local_scores(spec, rot, xf, z)[..., 0]
+        return q, shift, score
+
+    def _peaks(self, logpost: torch.Tensor, count: int) -> np.ndarray:
+        """Indices (B, count) of distinct grid peaks: greedy non-maximum suppression within one covering radius."""
+        lp = logpost.clone()
+        grid = torch.from_numpy(self.grid.astype(np.float32)).to(lp.device)
+        near = math.cos(0.5 * self.covering)
+        picks = []
+        for _ in range(min(int(count), lp.shape[1])):
+            idx = lp.argmax(1)
+            picks.append(idx)
+            close = (grid[idx] @ grid.T).abs() >= near                                         # (B, N)
+            lp = lp.masked_fill(close, -math.inf)
+            lp[torch.arange(len(idx)), idx] = -math.inf
+        return torch.stack(picks, 1).cpu().numpy()
+
     # ------------------------------------------------------------------ inference
 
     def body_axis(self) -> np.ndarray:
@@ -412,10 +509,20 @@ class RVAE3D(RVAE):
                 enc = self.encoder(xc)
                 shift_px = enc["t_mu"] / self.pixel
                 score = self.decoder.search_scores(spec, rot, xc, shift_px, enc["z_mu"])
-                post = torch.softmax(log_prior[None] - score / (2 * self._noise_sd() ** 2), dim=1).cpu().numpy()
-                best = post.argmax(1)
-                q0 = self.grid[best]
-                q, shift, cov = self._refine(spec, xc, mask, q0, shift_px, enc["z_mu"])
+                logpost = log_prior[None] - score / (2 * self._noise_sd() ** 2)
+                post = torch.softmax(logpost, dim=1).cpu().numpy()
+                # Several distinct peaks, each moved to the best rotation of its cell; the best of
+                # them (band-limited residual plus the cell's prior) starts the Gauss-Newton refinement.
+                peaks = self._peaks(logpost, ENCODE_CANDIDATES)
+                xf = self.decoder.band_window(xc, shift_px)
+                q_peaks, d_peaks, sc = self._local_search(spec, xf, enc["z_mu"], self.grid[peaks])
+                lp = log_prior[torch.from_numpy(peaks).to(dev)] - sc / (2 * self._noise_sd() ** 2)
+                pick = lp.argmax(1).cpu().numpy()
+                rows = np.arange(len(pick))
+                best = peaks[rows, pick]
+                q0 = q_peaks[rows, pick]
+                shift0 = shift_px + d_peaks[torch.from_numpy(rows), torch.from_numpy(pick)]
+                q, shift, cov = self._refine(spec, xc, mask, q0, shift0, enc["z_mu"])
                 res = self._summaries(q, cov, post, axis, grid_tilt)
                 res.update({"dx": shift[:, 0], "dy": shift[:, 1], "dx_sd": np.sqrt(cov[:, 3, 3]),
                             "dy_sd": np.sqrt(cov[:, 4, 4]), "background": background.cpu().numpy(),
