@@ -77,8 +77,9 @@ def test_classical_detector_on_a_real_dense_colony_crop():
     """A plain movie entry on a real phase-contrast colony: dark cells, axes along the masks' ellipses.
 
     The scale-aware detector (difference of Gaussians at the inspected width, component-tree
-    split) finds 145 of the 159 cells with 38 extra (F1 0.85, short of the issue's 0.90) and
-    their axes along the masks' ellipses (0.99); the floors guard that.
+    split) finds 146 of the 159 cells with 27 extra (F1 0.88, short of the issue's 0.90) and
+    their axes along the masks' ellipses (0.97); the floors guard that, the orientation at
+    the issue's 0.95.
     """
     import tifffile
 
@@ -87,8 +88,8 @@ def test_classical_detector_on_a_real_dense_colony_crop():
     masks = tifffile.imread(RODS / "masks" / "ec_5I_t141xy5c1_cp_masks.tif")
     s = bench.score_rods(image, masks)
     assert s["polarity_dark"] == 1.0
-    assert s["pairs"] >= 140 and s["orientation"] >= 0.97
-    assert s["f1"] >= 0.83
+    assert s["pairs"] >= 140 and s["orientation"] >= 0.95
+    assert s["f1"] >= 0.86
 
 
 @pytest.mark.parametrize("name", ["caulo_15", "e1t1_crop"])

@@ -8,7 +8,7 @@ the region's second moments, length and width as the region's extent along those
 
 With a particle ``width`` (the inspected one for a user movie) the threshold and the split
 are scale-aware (:func:`width_foreground`, :func:`tree_markers`): a difference of Gaussians
-(sigma ``width / 8``, at least 1 px, and ``width``) takes out the halos and the uneven background of phase
+(sigma ``width / 8``, at least 1 px, and ``1.5 width``) takes out the halos and the uneven background of phase
 contrast, half the Otsu level of its positive part is the foreground, an opening of a
 quarter width removes thin structures (stalks, fibrils, scratches), and touching particles
 are told apart by the component tree of the signal: a region is split where it falls
@@ -304,6 +304,8 @@ def _filter_regions(found: tuple[pd.DataFrame, np.ndarray], settings: dict[str, 
 FG_SMOOTH_MIN = 1.0
 #: Noise floor of its threshold (noise sigma of the fine signal, times sqrt 2).
 FG_NOISE = 3.0
+#: Sigma (in widths) of the wide Gaussian, the local background of the foreground.
+FG_BACKGROUND = 1.5
 #: Levels of the component tree between the foreground's 1st and 99th signal percentiles.
 TREE_LEVELS = 16
 #: A split must rise this share of the foreground's signal range above the saddle.
@@ -329,7 +331,7 @@ def width_foreground(signal: np.ndarray, width: float) -> tuple[np.ndarray, np.n
     Returns
     -------
     fg : ndarray (y, x) bool
-        Difference of Gaussians (sigma ``width / 8``, at least :data:`FG_SMOOTH_MIN`, minus sigma ``width``) above half the
+        Difference of Gaussians (sigma ``width / 8``, at least :data:`FG_SMOOTH_MIN`, minus sigma :data:`FG_BACKGROUND` ``* width``) above half the
         Otsu level of its positive values (at least 3 noise sigma), opened by a disc of a
         quarter width.
     dog : ndarray (y, x)
@@ -341,8 +343,10 @@ def width_foreground(signal: np.ndarray, width: float) -> tuple[np.ndarray, np.n
 
     fine = ndimage.gaussian_filter(signal, max(FG_SMOOTH_MIN, width / 8))
     # The wide Gaussian is the local background: halos and illumination at the particle
-    # scale go, and in a dense colony each cell is compared with its neighbourhood.
-    dog = fine - ndimage.gaussian_filter(signal, width)
+    # scale go, and in a dense colony each cell is compared with its neighbourhood. At one
+    # width it still holds much of the cell itself, so a packed colony (e1t1_crop) fell below
+    # the threshold; at one and a half it stays in while a sphere's bright-field ring still goes.
+    dog = fine - ndimage.gaussian_filter(signal, FG_BACKGROUND * width)
     positive = dog[dog > 0]
     if positive.size < 2:
         return np.zeros(signal.shape, bool), dog, float("inf")
