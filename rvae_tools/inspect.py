@@ -7,8 +7,10 @@ measured) and estimates, with the classical detector of :mod:`rvae_tools.segment
   on either side; with two-sided contrast, e.g. phase-contrast halos, dark particles on a
   bright background are assumed and the choice is flagged as uncertain);
 - **size**: particle length and width (px, the extent of each detected region along and
-  across its major axis, median over particles; the width is cross-checked against the
-  distance-transform ridge of the thresholded frame, which touching particles do not bias);
+  across its major axis, median over particles, or the area-weighted median over the
+  scale-aware detector's regions where that is longer, so thin debris does not shorten it;
+  the width is cross-checked against the distance-transform ridge of the thresholded frame,
+  which touching particles do not bias);
 - **elongation**: median ratio of the major and minor axes of the second moments, and whether an orientation from the particle's
   outline is meaningful (elongation >= :data:`ELONGATED`);
 - **density** (particles per 10 000 px^2 and covered area fraction), **SNR** (median particle
@@ -204,10 +206,15 @@ def _particle_width(det) -> float:
     regions. So the typical area is the area-weighted median, regions from 0.3 to 2.5 times
     it are the particles, and their area-weighted median minor axis is the width.
     """
+    own = _particles(det)
+    return max(_area_weighted_median(own["minor_axis"], own["area"]), 2.0)
+
+
+def _particles(det):
+    """The regions from 0.3 to 2.5 times the area-weighted median area (see :func:`_particle_width`)."""
     typical_area = _area_weighted_median(det["area"], det["area"])
     keep = (det["area"] >= 0.3 * typical_area) & (det["area"] <= 2.5 * typical_area)
-    own = det[keep] if keep.any() else det
-    return max(_area_weighted_median(own["minor_axis"], own["area"]), 2.0)
+    return det[keep] if keep.any() else det
 
 
 def _displacements(d0, d1, radius: float) -> np.ndarray:
@@ -298,9 +305,6 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
     if length < MIN_SIZE:
         raise InputError(f"inspect: particles are {length:.1f} px long, smaller than {MIN_SIZE:g} px; "
                          "the movie needs a finer pixel size (or these are noise, not particles)")
-    if length > MAX_FRACTION * min(h, w):
-        raise InputError(f"inspect: particles are {length:.0f} px long, larger than a third of the {h} x {w} px frame; "
-                         "crop less or bin the movie less")
     # The scale-aware detector needs the width it measures: start from the plain threshold's
     # typical regions and take the width of the regions the scale-aware detector finds there,
     # once. Those count by their area (see _particle_width): thin debris breaks into many small
@@ -308,9 +312,19 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
     # width instead, or iterating further, lets unsplit side-by-side clumps widen it each round.
     scale = max(float(typical["minor_axis"].median()), 2.0)
     try:
-        scale = _particle_width(detect({**settings, "width": scale})[1])
+        scaled = detect({**settings, "width": scale})[1]
     except InputError:
-        pass  # nothing at this scale: keep the plain threshold's
+        scaled = None  # nothing at this scale: keep the plain threshold's
+    if scaled is not None:
+        scale = _particle_width(scaled)
+        # The length too comes from the regions holding most of the area: a plain median over
+        # the first regions read the stalk pieces of caulo_15 (7 px against cells of 32 px).
+        own = _particles(scaled)
+        length = max(length, _area_weighted_median(own["length"], own["area"]))
+        length_p95 = max(length_p95, float(np.percentile(own["length"], 95)))
+    if length > MAX_FRACTION * min(h, w):
+        raise InputError(f"inspect: particles are {length:.0f} px long, larger than a third of the {h} x {w} px frame; "
+                         "crop less or bin the movie less")
     # From the second moments (one level for both axes), so a round particle reads 1.
     elongation = float((typical["major_axis"] / typical["minor_axis"].clip(lower=0.5)).median())
     signal = np.concatenate([(-residuals[i] if dark else residuals[i])[

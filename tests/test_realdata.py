@@ -94,7 +94,7 @@ def test_classical_detector_on_a_real_dense_colony_crop():
 
 @pytest.mark.parametrize("name", ["caulo_15", "e1t1_crop"])
 def test_inspected_detector_width_follows_the_cells(name):
-    """The width the detector runs at is the cells', not their stalks' or their clumps'.
+    """The width the detector runs at, and the length, are the cells', not their stalks' or clumps'.
 
     caulo_15's stalks break into many thin regions that outvoted its 14 cells in a plain
     median (3.1 px against the masks' 10 px); e1t1_crop's side-by-side clumps, weighted by
@@ -108,5 +108,8 @@ def test_inspected_detector_width_follows_the_cells(name):
     masks = tifffile.imread(RODS / "masks" / f"{name}_cp_masks.tif")
     ref = bench.mask_reference(masks)
     cell_width = float(ref.loc[ref["body"], "width"].median())
+    cell_length = float(ref.loc[ref["body"], "length"].median())
     inspection, _ = inspect_frames({0: tifffile.imread(RODS / f"{name}.tif").astype(np.float64)})
     assert 0.5 * cell_width <= inspection["width_scale"] <= 1.2 * cell_width
+    # So is the length (caulo_15 read 7 px against cells of 32 px from the plain median).
+    assert 0.5 * cell_length <= inspection["length"] <= 1.2 * cell_length
