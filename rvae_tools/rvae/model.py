@@ -337,7 +337,7 @@ class RVAE:
         """
         from ..device import autocast, to_device
 
-        method = method or self.settings.get("encode_method", "exact")
+        method = method or self.settings.get("encode_method", "fast")
         if method not in ENCODE_METHODS:
             raise InputError(f"encode method {method!r} is unknown; expected one of {', '.join(ENCODE_METHODS)}")
         batch_size = int(batch_size or self.settings["encode_batch_size"])
