@@ -49,6 +49,17 @@ VECTORS = {
     "z": ("1", "content latent (posterior mean)"),
     "z_sd": ("1", "posterior spread of the content latent"),
 }
+#: Outputs of the out-of-plane model (``rvae.model: rvae3d``, see rvae_tools.rvae.rvae3d), kept
+#: with their units when the model gives them: the 3D pose and what is derived from it.
+POSE_3D = {
+    "quaternion": ("1", "3D pose: unit quaternion (w, x, y, z), body -> lab, w >= 0 (lab z = viewing axis)"),
+    "quaternion_sd": ("rad", "geodesic spread of the 3D pose posterior about the quaternion (same mirror branch)"),
+    "mirror_prob": ("1", "posterior mass of the mirror pose (a projection cannot tell it apart); NaN where "
+                         "the two poses are within one grid cell"),
+    "in_plane_angle": ("rad", "angle of the body axis projected onto the image, from +x towards +y"),
+    "tilt": ("rad", "angle between the body axis and the image plane (0 = lying flat, pi/2 = end-on)"),
+    "tilt_sd": ("rad", "spread of the tilt"),
+}
 PATCH_COORDS = ("particle", "frame", "x", "y")
 #: Windows read from the store at once when its chunks are not known.
 DEFAULT_BLOCK = 4096
@@ -211,6 +222,8 @@ def encode_patches(
                 value = np.asarray(value)
                 if name in grids:
                     grids[name][rows, cols] = value
+                elif name == "quaternion":
+                    extra.setdefault(name, np.full((*shape, 4), np.nan, dtype=np.float64))[rows, cols] = value
                 elif name == "cls_prob":
                     extra.setdefault(name, np.full((*shape, value.shape[1]), np.nan, dtype=np.float32))[rows, cols] = value
                 elif value.ndim == 1 and value.shape[0] == stop - start:
@@ -233,13 +246,21 @@ def encode_patches(
     data_vars["x"] = (dims2, grids["x"], {"units": "px", "description": "window centre (detection), column"})
     data_vars["y"] = (dims2, grids["y"], {"units": "px", "description": "window centre (detection), row"})
     for name, value in extra.items():
-        if name != "cls_prob":  # laid out with the classes below
+        if name == "quaternion":
+            unit, text = POSE_3D[name]
+            data_vars[name] = (("particle", "frame", "q"), value, {"units": unit, "description": text})
+        elif name in POSE_3D:
+            unit, text = POSE_3D[name]
+            data_vars[name] = (dims2, value, {"units": unit, "description": text})
+        elif name != "cls_prob":  # laid out with the classes below
             data_vars[name] = (dims2, value, {"description": f"{name} from the model's encoder"})
 
     coords: dict[str, Any] = {
         "particle": ("particle", particles, {"description": "trajectory id"}),
         "frame": ("frame", frames, {"description": "frame number"}),
         "latent": ("latent", np.arange(k), {"description": "index of the content latent z"}),
+        **({"q": ("q", np.arange(4), {"description": "quaternion component: 0 = w (scalar), 1 = x, 2 = y, 3 = z"})}
+           if "quaternion" in extra else {}),
         "track_length": ("particle", np.bincount(pi, minlength=particles.size).astype(np.int64),
                          {"description": "number of frames with a window"}),
     }

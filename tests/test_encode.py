@@ -227,3 +227,36 @@ def test_frame_axis_spans_the_movie():
     # without the numbering (or frames outside it) only the frames with windows are laid out
     assert _frame_axis(np.array([12, 17]), attrs).tolist() == [12, 17]
     assert _frame_axis(np.array([3, 1]), {}).tolist() == [1, 3]
+
+
+def test_an_out_of_plane_model_stores_its_3d_pose_tilt_and_spreads(movie_dir, tmp_path):
+    movie_dir, tracks, _ = movie_dir
+    from rvae_tools.rvae.rvae3d import RVAE3D
+
+    model = RVAE3D(SIZE, latent_dim=1, so3_grid=576, seed=0)
+    model_path = tmp_path / "model3d.pt"
+    model.save(model_path)
+    out = tmp_path / "latents.zarr"
+    encode_patches(movie_dir / "patches.zarr", model_path, out, device="cpu", batch_size=16, progress=False)
+    ds = open_zarr(out, required=["quaternion", "quaternion_sd", "tilt", "tilt_sd", "in_plane_angle",
+                                  "mirror_prob", "angle"]).load()
+    assert ds.quaternion.dims == ("particle", "frame", "q") and list(ds.q.values) == [0, 1, 2, 3]
+    assert ds.tilt.dims == ds.tilt_sd.dims == ds.in_plane_angle.dims == ("particle", "frame")
+    assert ds.tilt.attrs["units"] == "rad" and ds.quaternion_sd.attrs["units"] == "rad"
+    present = np.zeros((4, 10), dtype=bool)
+    present[tracks.particle, tracks.frame] = True
+    q = ds.quaternion.values
+    assert np.isnan(q[~present]).all() and np.isnan(ds.tilt.values[~present]).all()
+    qp = q[present]
+    assert np.allclose(np.linalg.norm(qp, axis=1), 1.0, atol=1e-6) and (qp[:, 0] >= 0).all()
+    # Tilt from the stored pose, written out here: the lab z component of the rotated body axis.
+    w, x, y, z = qp.T
+    third_row = np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], 1)
+    expected = np.arcsin(np.clip(np.abs(third_row @ model.body_axis()), 0, 1))
+    assert np.allclose(ds.tilt.values[present], expected, atol=1e-4)
+    assert (ds.tilt_sd.values[present] >= 0).all() and (ds.quaternion_sd.values[present] >= 0).all()
+    patches = xr.open_zarr(movie_dir / "patches.zarr")
+    direct = RVAE3D.load(model_path).encode(patches.window.values, device="cpu")
+    p, f = patches.particle.values, patches.frame.values
+    assert np.allclose(ds.quaternion.values[p, f], direct["quaternion"], atol=1e-6)
+    assert np.allclose(ds.in_plane_angle.values[p, f], direct["in_plane_angle"], atol=1e-5)

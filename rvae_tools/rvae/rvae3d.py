@@ -611,8 +611,18 @@ class RVAE3D(RVAE):
             shift = torch.where(better[:, None], trial_shift, shift)
         return so3.canonical(so3.normalise(q)), shift.cpu().numpy().astype(np.float64), cov
 
-    def decode(self, z, quaternion=None, dx=None, dy=None, device: str | torch.device = "cpu") -> np.ndarray:
-        """Images (n, wy, wx) of content ``z`` (n, k) at poses ``quaternion`` (n, 4) and shifts (px); None = identity / 0."""
+    def decode(self, z, quaternion=None, dx=None, dy=None, device: str | torch.device = "cpu", *,
+               angle=None) -> np.ndarray:
+        """Images (n, wy, wx) of content ``z`` (n, k) at poses ``quaternion`` (n, 4) and shifts (px); None = identity / 0.
+
+        ``angle`` (rad, instead of ``quaternion``): the body frame turned by that angle about the
+        viewing axis, as the 2D models' ``decode(z, angle=...)`` (which stages such as the
+        species templates call).
+        """
+        if angle is not None:
+            if quaternion is not None:
+                raise InputError("rvae3d decode: give quaternion or angle, not both")
+            quaternion = so3.from_axis_angle([0.0, 0.0, 1.0], np.atleast_1d(np.asarray(angle, dtype=np.float64)))
         if self.latent_dim == 0:
             rows = 1 if quaternion is None else np.atleast_2d(np.asarray(quaternion)).shape[0]
             z = np.zeros((max(np.asarray(z).shape[0] if np.ndim(z) else 1, rows), 0), np.float32)
