@@ -85,7 +85,7 @@ def mask_reference(masks: np.ndarray) -> pd.DataFrame:
     for p in regionprops(masks):
         image = np.pad(p.image, 1)
         inscribed = ndimage.distance_transform_edt(image).max()
-        body = ndimage.binary_opening(image, structure=disk(max(1, int(round(0.7 * inscribed)))))
+        body = ndimage.binary_opening(image, structure=disk(max(1, int(np.round(0.7 * inscribed)))))
         pieces, n = ndimage.label(body)
         if n:
             body = pieces == 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
@@ -118,9 +118,7 @@ def orientation_consistency(reference: pd.DataFrame, detections: pd.DataFrame, r
 
 def score_rods(image: np.ndarray, masks: np.ndarray) -> dict[str, float]:
     """All figures of one omnipose image (see the module docstring)."""
-    from rvae_tools.segment.metrics import detection_scores
-
-    from rvae_tools.segment.metrics import match_points
+    from rvae_tools.segment.metrics import detection_scores, match_points
 
     every = mask_reference(masks)
     ref = every[every["body"]].reset_index(drop=True)

@@ -25,11 +25,11 @@ from .uncertainty import pose_covariance
 __all__ = ["FORMAT", "FORMAT_VERSION", "RVAE", "check_compatible", "read_checkpoint", "wrap_angle"]
 #: nats per squared pixel of template-centroid offset (see RVAE.loss).
 CENTRE_WEIGHT = 10.0
+#: How ``encode`` finds the rotation posterior (see :meth:`RVAE.encode`); ``encoder`` decodes nothing.
+ENCODE_METHODS = ("exact", "fast", "encoder")
 #: Encoder's most probable rotations decoded by ``encode(method="fast")`` (each with its half-turn).
 #: With 3, a briefly trained encoder missed the best rotation often enough to put a rotated
 #: L 4-7 degrees off (tests/test_rvae.py lab-frame test); 4 kept it within 2 degrees.
-#: ``encode(method="encoder")`` decodes nothing.
-ENCODE_METHODS = ("exact", "fast", "encoder")
 FAST_CANDIDATES = 4
 
 

@@ -22,11 +22,14 @@ by ``encode`` (each species' windows have their own error).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
 from scipy.stats import norm
+
+if TYPE_CHECKING:  # torch is imported where the spreads are computed
+    import torch
 
 #: Largest known shift of a calibration window, px.
 MAX_SHIFT = 1.0
@@ -43,8 +46,8 @@ POLARITY_DISAGREEMENT = 0.10
 RESIDUAL_LAGS = 4
 
 
-def pose_covariance(jac: "torch.Tensor", resid: "torch.Tensor", mask: "torch.Tensor",
-                    max_lag: int = RESIDUAL_LAGS) -> "torch.Tensor":
+def pose_covariance(jac: torch.Tensor, resid: torch.Tensor, mask: torch.Tensor,
+                    max_lag: int = RESIDUAL_LAGS) -> torch.Tensor:
     """Variances (B, p) of the pose parameters from the likelihood's local curvature, with correlated residuals.
 
     The Gauss-Newton (Laplace) covariance ``s^2 (J^T J)^-1`` assumes independent pixel noise.

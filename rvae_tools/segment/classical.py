@@ -354,7 +354,7 @@ def width_foreground(signal: np.ndarray, width: float) -> tuple[np.ndarray, np.n
     # halos from the rest instead of the particles from the background.
     t = max(0.5 * _otsu(positive), FG_NOISE * np.sqrt(2) * noise_sigma(fine))
     fg = dog > t
-    radius = int(round(width / 4))
+    radius = int(np.round(width / 4))
     if radius >= 1 and fg.any():
         fg = ndimage.binary_opening(fg, structure=disk(radius))
     return fg, dog, float(t)
@@ -380,7 +380,7 @@ def tree_markers(signal: np.ndarray, fg: np.ndarray, *, min_area: float, depth: 
         return markers
     values = signal[fg]
     lv = np.linspace(np.percentile(values, 1), np.percentile(values, 99), levels)
-    base, n0 = ndimage.label(fg)
+    base, _ = ndimage.label(fg)
     count = 0
     for k, sl in enumerate(ndimage.find_objects(base)):
         if sl is None:
@@ -390,7 +390,7 @@ def tree_markers(signal: np.ndarray, fg: np.ndarray, *, min_area: float, depth: 
             continue
         sub = signal[sl]
 
-        def resolve(level: int, mask: np.ndarray) -> list[np.ndarray]:
+        def resolve(level: int, mask: np.ndarray, sub: np.ndarray = sub) -> list[np.ndarray]:
             if level + 1 >= levels:
                 return [mask]
             lab, n = ndimage.label((sub > lv[level + 1]) & mask)
