@@ -92,6 +92,7 @@ def test_classical_detector_on_a_real_dense_colony_crop():
     assert s["f1"] >= 0.86
 
 
+@pytest.mark.skipif(not RODS.exists(), reason="real data not available")
 @pytest.mark.parametrize("name", ["caulo_15", "e1t1_crop"])
 def test_inspected_detector_width_follows_the_cells(name):
     """The width the detector runs at, and the length, are the cells', not their stalks' or clumps'.
