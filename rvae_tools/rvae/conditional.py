@@ -36,12 +36,12 @@ import torch
 
 from ..errors import InputError
 from . import losses
-from .data import WindowSource
+from .data import AnnotatedWindows, WindowSource
 from .model import CENTRE_WEIGHT, RVAE
 from .networks import TemplateDecoder
 
 
-class AngledWindows(WindowSource):
+class AngledWindows(AnnotatedWindows):
     """Windows with their known angle (rad, one per window) for training the angle-conditional model.
 
     While batches are drawn, ``batch_angles`` holds the angles of the batch last yielded; the
@@ -49,10 +49,7 @@ class AngledWindows(WindowSource):
     """
 
     def __init__(self, windows, angles: np.ndarray | None, memory_mb: float = 2048.0):
-        if isinstance(windows, WindowSource):
-            self.__dict__.update(windows.__dict__)
-        else:
-            super().__init__(windows, memory_mb=memory_mb)
+        super().__init__(windows, memory_mb=memory_mb)
         self.angles = known_angles(self, angles)
         self.batch_angles: np.ndarray | None = None
 
@@ -201,24 +198,15 @@ class AngleConditionedRVAE(RVAE):
         posterior probability of the other sense (0 for ``known_angle: full``),
         ``rotation_prob`` that of the reported one.
         """
-        from ..device import autocast, to_device
-
         source = windows if isinstance(windows, WindowSource) else WindowSource(windows)
         known = known_angles(source, angles)
         batch_size = int(batch_size or self.settings["encode_batch_size"])
         source, batches = self._batches(source, batch_size)
         dev = self._prepare(device)
-        n, k = len(source), self.latent_dim
-        out = {name: np.empty(n, dtype=np.float32) for name in
-               ("angle", "angle_sd", "flip_prob", "rotation_prob", "dx", "dy", "dx_sd", "dy_sd", "background")}
-        out["z"] = np.empty((n, k), dtype=np.float32)
-        out["z_sd"] = np.empty((n, k), dtype=np.float32)
+        out = self._encode_buffers(len(source))
         with torch.inference_mode():
             for idx, block in batches:
-                x = to_device(torch.from_numpy(block), dev)
-                with autocast(dev):
-                    enc = self.encoder(torch.nan_to_num(x, nan=0.0))
-                enc = {key: value.float() for key, value in enc.items()}
+                x, enc = self._encode_block(block, dev)
                 theta = self.candidates(torch.from_numpy(known[idx]).to(dev))
                 q = torch.softmax(self._log_likelihood(x, enc, theta), 1)
                 best = q.argmax(1, keepdim=True)

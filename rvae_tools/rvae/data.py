@@ -201,6 +201,21 @@ class WindowSource:
             yield sel, self.read(sel)
 
 
+class AnnotatedWindows(WindowSource):
+    """Windows that carry per-window data for a model's loss (class labels, known angles).
+
+    Built from ``windows`` as :class:`WindowSource` is, or taking over an existing source's
+    state (its stores are not opened or read again). Subclasses add the data and set it for
+    each batch in ``iter_batches``.
+    """
+
+    def __init__(self, windows, memory_mb: float = 2048.0):
+        if isinstance(windows, WindowSource):
+            self.__dict__.update(windows.__dict__)
+        else:
+            super().__init__(windows, memory_mb=memory_mb)
+
+
 def _is_tensor(obj) -> bool:
     return type(obj).__module__.startswith("torch") and hasattr(obj, "detach")
 

@@ -335,26 +335,17 @@ class RVAE:
             curvature); ``z``, ``z_sd`` (n, k) (the encoder's posterior);
             ``background``: the level added to the decoding (``background: median``).
         """
-        from ..device import autocast, to_device
-
         method = method or self.settings.get("encode_method", "fast")
         if method not in ENCODE_METHODS:
             raise InputError(f"encode method {method!r} is unknown; expected one of {', '.join(ENCODE_METHODS)}")
         batch_size = int(batch_size or self.settings["encode_batch_size"])
         source, batches = self._batches(windows, batch_size)
         dev = self._prepare(device)
-        n, k = len(source), self.latent_dim
-        out = {name: np.empty(n, dtype=np.float32) for name in
-               ("angle", "angle_sd", "flip_prob", "rotation_prob", "dx", "dy", "dx_sd", "dy_sd", "background")}
-        out["z"] = np.empty((n, k), dtype=np.float32)
-        out["z_sd"] = np.empty((n, k), dtype=np.float32)
+        out = self._encode_buffers(len(source))
         pose = self.settings["model"] == "rvae"
         with torch.inference_mode():
             for idx, block in batches:
-                x = to_device(torch.from_numpy(block), dev)
-                with autocast(dev):
-                    enc = self.encoder(torch.nan_to_num(x, nan=0.0))
-                enc = {key: value.float() for key, value in enc.items()}
+                x, enc = self._encode_block(block, dev)
                 q = torch.softmax(enc["logits"], dim=1)
                 background = self._background(torch.nan_to_num(x), torch.isfinite(x))
                 # One template per window, shared by every decoding below (rotations and Laplace).
@@ -403,6 +394,23 @@ class RVAE:
                 for name, value in res.items():
                     out[name][idx] = value.cpu().numpy()
         return out
+
+    def _encode_buffers(self, n: int) -> dict[str, np.ndarray]:
+        """Empty outputs of :meth:`encode` for ``n`` windows (filled batch by batch)."""
+        out = {name: np.empty(n, dtype=np.float32) for name in
+               ("angle", "angle_sd", "flip_prob", "rotation_prob", "dx", "dy", "dx_sd", "dy_sd", "background")}
+        out["z"] = np.empty((n, self.latent_dim), dtype=np.float32)
+        out["z_sd"] = np.empty((n, self.latent_dim), dtype=np.float32)
+        return out
+
+    def _encode_block(self, block: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One batch of windows on ``dev`` and the encoder's posterior for it (float32, NaN pixels read as 0)."""
+        from ..device import autocast, to_device
+
+        x = to_device(torch.from_numpy(block), dev)
+        with autocast(dev):
+            enc = self.encoder(torch.nan_to_num(x, nan=0.0))
+        return x, {key: value.float() for key, value in enc.items()}
 
     def _candidate_responsibilities(self, x: torch.Tensor, enc: dict[str, torch.Tensor], q: torch.Tensor,
                                     top: int = FAST_CANDIDATES, **kw) -> torch.Tensor:

@@ -42,7 +42,7 @@ from torch import nn
 from ..config import CLASS_MODELS
 from ..errors import InputError
 from . import losses
-from .data import WindowSource
+from .data import AnnotatedWindows
 from .model import CENTRE_WEIGHT, RVAE
 from .networks import (
     EquivariantEncoder,
@@ -171,7 +171,7 @@ class ClassEncoder(nn.Module):
         return {**out, "class_logits": self.classifier(summary)}
 
 
-class LabelledWindows(WindowSource):
+class LabelledWindows(AnnotatedWindows):
     """Windows with one class index per window (-1 = unlabelled) for training a class model.
 
     While batches are drawn, ``batch_labels`` holds the classes of the batch last yielded; the
@@ -179,10 +179,7 @@ class LabelledWindows(WindowSource):
     """
 
     def __init__(self, windows, labels: np.ndarray | None, memory_mb: float = 2048.0):
-        if isinstance(windows, WindowSource):
-            self.__dict__.update(windows.__dict__)
-        else:
-            super().__init__(windows, memory_mb=memory_mb)
+        super().__init__(windows, memory_mb=memory_mb)
         labels = np.full(self.n, -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
         if labels.shape != (self.n,):
             raise InputError(f"labels: {labels.shape[0] if labels.ndim else 0} class labels for {self.n} windows; "
