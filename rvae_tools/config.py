@@ -447,12 +447,12 @@ def movie_entry(config: dict[str, Any], movie: str, source: str = "config") -> d
 
 def add_settings_arguments(parser: argparse.ArgumentParser, section: str) -> None:
     """Add ``--config``, ``--movie`` and ``--settings`` to a stage's parser."""
-    group = parser.add_argument_group("settings (the config's '%s' section)" % section)
-    group.add_argument("--config", metavar="FILE", help="config file (YAML); its '%s' section is used" % section)
+    group = parser.add_argument_group(f"settings (the config's '{section}' section)")
+    group.add_argument("--config", metavar="FILE", help=f"config file (YAML); its '{section}' section is used")
     group.add_argument("--movie", metavar="NAME", help="apply this movie's overrides from the config")
     group.add_argument(
         "--settings", metavar="JSON",
-        help="the '%s' section as JSON (as Snakemake rules pass it); overrides --config" % section,
+        help=f"the '{section}' section as JSON (as Snakemake rules pass it); overrides --config",
     )
     group.add_argument("--seed", type=int, default=None, help="random seed (overrides the config)")
     group.add_argument(

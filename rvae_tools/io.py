@@ -137,12 +137,11 @@ def write_zarr(
     ds.attrs = json_safe_attrs(attrs)
     for name in ds.variables:
         ds[name].attrs = json_safe_attrs(dict(ds[name].attrs))
-    with atomic_output(path) as tmp:
-        with warnings.catch_warnings():
-            # zarr 3 warns that consolidated metadata is not part of the v3 spec yet; we
-            # still write it because it makes opening remote/large stores one request.
-            warnings.simplefilter("ignore", category=UserWarning)
-            ds.to_zarr(tmp, mode="w", encoding=encoding or {}, consolidated=True)
+    with atomic_output(path) as tmp, warnings.catch_warnings():
+        # zarr 3 warns that consolidated metadata is not part of the v3 spec yet; we
+        # still write it because it makes opening remote/large stores one request.
+        warnings.simplefilter("ignore", category=UserWarning)
+        ds.to_zarr(tmp, mode="w", encoding=encoding or {}, consolidated=True)
     return Path(path)
 
 
@@ -167,7 +166,7 @@ def open_zarr(
             warnings.simplefilter("ignore", category=RuntimeWarning)
             warnings.simplefilter("ignore", category=UserWarning)
             ds = xr.open_zarr(path)
-    except Exception as exc:  # zarr raises many types for a broken store
+    except Exception as exc:  # noqa: BLE001 - zarr raises many types for a broken store
         raise InputError(f"{path}: cannot be read as a Zarr {what} ({type(exc).__name__}: {exc})") from None
     missing = [name for name in required if name not in ds.variables]
     if missing:
@@ -216,7 +215,7 @@ def read_table(
         raise InputError(f"{path}: {what} not found")
     try:
         df = pd.read_parquet(path)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a broken table
         raise InputError(f"{path}: cannot be read as a Parquet {what} ({type(exc).__name__}: {exc})") from None
     missing = [c for c in required if c not in df.columns]
     if missing:

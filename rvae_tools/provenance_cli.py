@@ -28,7 +28,7 @@ def read_provenance(path: str | Path) -> dict:
 
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for a foreign file
             raise InputError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from None
         attrs = dict(ckpt.get("provenance", {})) if isinstance(ckpt, dict) else {}
     else:

@@ -50,6 +50,6 @@ def test_console_script_installed():
     exe = shutil.which("rvae-tools")
     if exe is None:
         pytest.skip("the package is not installed (no rvae-tools on PATH)")
-    proc = subprocess.run([exe, "validate-config", "/nonexistent.yaml"], capture_output=True, text=True)
+    proc = subprocess.run([exe, "validate-config", "/nonexistent.yaml"], capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "rvae-tools validate-config: error: /nonexistent.yaml: config file not found"

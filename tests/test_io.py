@@ -9,27 +9,32 @@ import xarray as xr
 
 from rvae_tools.errors import InputError
 from rvae_tools.io import (
-    atomic_output, open_zarr, read_json, read_table, table_metadata, write_json, write_table, write_zarr,
+    atomic_output,
+    open_zarr,
+    read_json,
+    read_table,
+    table_metadata,
+    write_json,
+    write_table,
+    write_zarr,
 )
 from rvae_tools.provenance import provenance_attrs
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_output(tmp_path):
     target = tmp_path / "out.zarr"
-    with pytest.raises(RuntimeError):
-        with atomic_output(target) as tmp:
-            tmp.mkdir()
-            (tmp / "part").write_text("half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.mkdir()
+        (tmp / "part").write_text("half")
+        raise RuntimeError("interrupted")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
 
     ds = xr.Dataset({"image": (("frame", "y", "x"), np.zeros((2, 3, 4), np.float32))})
     write_zarr(ds, target)
-    with pytest.raises(RuntimeError):
-        with atomic_output(target) as tmp:
-            tmp.mkdir()
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.mkdir()
+        raise RuntimeError("interrupted")
     assert open_zarr(target, required=["image"])["image"].shape == (2, 3, 4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
 

@@ -10,9 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # figures are written by batch jobs without a display
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from ..io import atomic_output  # noqa: E402
+from ..io import atomic_output
 
 STYLE = {
     "figure.dpi": 100,
@@ -47,9 +47,8 @@ def save_figure(
     try:
         for fmt in formats:
             path = figures_dir / f"{stem}.{fmt}"
-            with atomic_output(path) as tmp:
-                with plt.rc_context(STYLE):
-                    fig.savefig(tmp, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
+            with atomic_output(path) as tmp, plt.rc_context(STYLE):
+                fig.savefig(tmp, format=fmt, dpi=dpi, metadata={"Date": None} if fmt == "svg" else None)
             out.append(path)
     finally:
         plt.close(fig)

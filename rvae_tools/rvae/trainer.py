@@ -327,7 +327,7 @@ def _is_terminal(stream) -> bool:
 
 def _duration(seconds: float) -> str:
     """``1 h 02 min``, ``3 min 05 s`` or ``12 s``: time left in a log line."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
