@@ -15,7 +15,9 @@ template under a rotation by ``delta`` is then::
     C(delta) = sum_m P_m cos(m delta) / sum_m P_m       (1 = identical, exact for any delta)
 
 and ``n`` is the largest order up to ``max_order`` with ``C(2 pi / n) >= threshold``
-(:func:`symmetry_order`). A template whose anisotropic energy is below ``isotropy`` of its
+(:func:`symmetry_order`), computed on the template's *particle body* (:func:`particle_body`:
+the part of the particle's polarity, its halo and surroundings left out, centred on its own
+centroid), since a template learned from real windows also holds the particle's surroundings. A template whose anisotropic energy is below ``isotropy`` of its
 total contrast energy is *isotropic* (spheres, discs): it gets ``n = 0``, meaning "no
 orientation", and downstream stages skip angle-based order parameters for it.
 
@@ -49,6 +51,8 @@ MAX_SPECIES = 6
 #: Template similarity above which two mixture components are one species (same-shape
 #: components of the demo score 0.96-0.98, a rod against a tadpole 0.68-0.78).
 SAME_SHAPE = 0.9
+#: Share of the body's maximum below which a template pixel is not the particle's (see :func:`particle_body`).
+BODY_FLOOR = 0.2
 #: Angular samples of the polar grid (the power spectrum then reaches harmonic ANGLES / 2).
 ANGLES = 256
 
@@ -140,9 +144,55 @@ def symmetry_order(
     """
     if anisotropy(template) < isotropy:
         return 0
+    body = particle_body(template)
     orders = np.arange(2, max_order + 1)
-    similar = self_similarity(template, 2 * np.pi / orders) >= threshold
+    similar = self_similarity(body, 2 * np.pi / orders) >= threshold
     return int(orders[similar].max()) if similar.any() else 1
+
+
+def particle_body(template: np.ndarray) -> np.ndarray:
+    """The particle's own part of a template, centred on the window centre (what its symmetry is read from).
+
+    The part of the particle's polarity, ``max(s (template - median), 0)`` less a floor of
+    :data:`BODY_FLOOR` of its maximum, with ``s`` (+1 bright, -1 dark) the sign whose part has
+    the smaller mean square radius about the window centre (the window is centred on its
+    particle; a halo lies around it, noise all over), moved (linear interpolation) so that its
+    centroid sits on the window centre.
+
+    Why: a decoded template of real windows also holds the particle's surroundings, and the
+    rVAE's free half-turn lets it line up whatever distinguishes them. In a real phase-contrast
+    colony the template of dark rods kept a bright halo on one side only (the side of the
+    brighter gap to a neighbour): the whole template's ``C(pi)`` was -0.31 (n = 1), its dark
+    body's 0.99. The template is also only centred up to the mean of the encoded shifts.
+
+    Parameters
+    ----------
+    template : ndarray (wy, wx)
+        A decoded template; its centre ``((wy - 1) / 2, (wx - 1) / 2)`` lies on the particle.
+
+    Returns
+    -------
+    ndarray (wy, wx)
+        Non-negative image of the body (zeros where the template holds no particle part).
+    """
+    t = np.asarray(template, dtype=np.float64)
+    wy, wx = t.shape
+    contrast = t - np.median(t)
+    yy, xx = np.mgrid[0:wy, 0:wx]
+    r2 = (yy - (wy - 1) / 2.0) ** 2 + (xx - (wx - 1) / 2.0) ** 2
+    parts = []
+    for sign in (1.0, -1.0):
+        part = np.clip(sign * contrast, 0, None)
+        part = np.clip(part - BODY_FLOOR * part.max(), 0, None)
+        total = part.sum()
+        parts.append((float((part * r2).sum() / total) if total > 0 else np.inf, part))
+    # A halo lies around its particle and noise all over the window: the body is the part
+    # held closest about the window centre (smallest mean square radius).
+    body = min(parts, key=lambda p: p[0])[1]
+    if body.sum() <= 0:
+        return body
+    cy, cx = ndimage.center_of_mass(body)
+    return ndimage.shift(body, ((wy - 1) / 2.0 - cy, (wx - 1) / 2.0 - cx), order=1, mode="constant", cval=0.0)
 
 
 # --------------------------------------------------------------------------- species

@@ -57,6 +57,27 @@ def test_symmetry_order_of_drawn_species(name, n):
         assert symmetry_order(1.0 - img) == n, (name, angle)  # dark particles on a bright background
 
 
+def _with_one_sided_halo(name: str, angle: float, offset: tuple[float, float]) -> np.ndarray:
+    """A dark particle on a bright background, off the window centre, with a bright halo along one side only.
+
+    As a decoded template of a real phase-contrast colony looks: the rVAE's free half-turn lines
+    up the brighter gap to a neighbour on one side, and the template is centred only up to the
+    mean encoded shift.
+    """
+    body = ndimage.shift(shape(name, angle), offset[::-1], order=1)
+    gap = {"rod": 4.5, "tadpole": 7.0, "triangle": 10.0}[name]  # px from the centre to the halo, just off the body
+    side = np.array([-np.sin(angle), np.cos(angle)]) * gap  # (x, y), perpendicular to the axis
+    halo = ndimage.shift(ndimage.gaussian_filter(shape("rod", angle), 1.5), (offset[1] + side[1], offset[0] + side[0]))
+    return 0.7 - 0.5 * ndimage.gaussian_filter(body, 1.0) + 0.6 * halo
+
+
+@pytest.mark.parametrize(("name", "n"), [("rod", 2), ("tadpole", 1), ("triangle", 3)])
+def test_symmetry_is_the_particles_not_its_surroundings(name, n):
+    for angle, offset in ((0.3, (1.2, -0.8)), (2.0, (-1.5, 0.6))):
+        img = _with_one_sided_halo(name, angle, offset)
+        assert symmetry_order(img) == n, (name, angle)
+
+
 def test_a_sphere_has_no_orientation():
     yy, xx = np.mgrid[0:S, 0:S] - (S - 1) / 2
     rng = np.random.default_rng(0)
