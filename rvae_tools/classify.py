@@ -1,8 +1,10 @@
 """``rvae-tools classify``: the class of every window from a model with a class latent.
 
-The classifier head of an ``ssrvae`` / ``ssvae`` model gives ``q(class | window)``;
-this command writes it per window to a Parquet table, and :func:`class_variables` lays it out
-on the ``(particle, frame)`` grid of ``latents.zarr`` with a majority class per trajectory.
+The classifier head of an ``ssrvae`` / ``ssvae`` / ``jrvae`` model gives ``q(class | window)``;
+this command writes it per window to a Parquet table, next to the window's pose and its spreads
+(``angle``, ``angle_sd``, ``flip_prob``, ``dx``, ``dy``, ``dx_sd``, ``dy_sd``, as ``encode``
+writes them), and :func:`class_variables` lays the classes out on the ``(particle, frame)`` grid
+of ``latents.zarr`` with a majority class per trajectory.
 """
 
 from __future__ import annotations
@@ -111,10 +113,17 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
     (templates, the latent manifold of each class, class fractions per frame, and the confusion
     matrix when ``labels`` is given); ``latents`` (this movie's latents.zarr) gives the manifold
     the z of each class's windows.
-    Returns the table written (see :func:`class_table`).
+
+    The table also holds each window's pose and spreads (the variables of
+    :data:`rvae_tools.encode.SCALARS`: angle and angle_sd in rad, flip_prob, dx, dy, dx_sd,
+    dy_sd in px): with ``latents``, encode's own (calibrated, lab-frame) values; without, the
+    model's encoding of the window (uncalibrated spreads, model-frame angle); NaN for a model
+    without a pose (ssvae). Its metadata ``pose_source`` says which.
+    Returns the table written (see :func:`class_table`, plus those columns).
     """
     from tqdm import tqdm
 
+    from .encode import SCALARS, check_compatible
     from .io import open_zarr, write_table
     from .provenance import provenance_attrs
 
@@ -131,26 +140,49 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
         model = load_model(model_path)
     if not has_classes(model):
         raise InputError(f"{model_path}: the model ({getattr(model, 'settings', {}).get('model', '?')}) has no classes; "
-                         "expected one trained with rvae.model ssrvae or ssvae")
-    from .encode import check_compatible
-
+                         "expected one trained with rvae.model ssrvae, ssvae or jrvae")
     check_compatible(model, tuple(window.shape[1:]), model_path=model_path, patches_path=patches_path)
+    lat, rows = (None, None) if latents is None else _latent_rows(latents, patches, patches_path)
+    # Without the movie's latents the model's own pose is encoded here (its spreads not calibrated).
+    encode_pose = lat is None and bool(getattr(model, "pose", False))
     n = int(window.shape[0])
     prob = np.empty((n, model.classes), np.float32)
+    pose = {name: np.full(n, np.nan, np.float32) for name in SCALARS}
     block = max(int((window.encoding.get("chunks") or (4096,))[0]), batch_size or 0)
     with tqdm(total=n, unit="win", desc="classify", file=sys.stderr, disable=not progress,
               mininterval=1.0 if sys.stderr.isatty() else 15.0) as bar:
         for start in range(0, n, block):
             stop = min(start + block, n)
-            prob[start:stop] = model.class_probabilities(np.asarray(window[start:stop].values, np.float32),
-                                                         batch_size=batch_size, device=device)
+            wins = np.asarray(window[start:stop].values, np.float32)
+            if encode_pose:
+                out = model.encode(wins, batch_size=batch_size, device=device)
+                prob[start:stop] = out["cls_prob"]
+                for name, column in pose.items():
+                    column[start:stop] = out[name]
+            else:
+                prob[start:stop] = model.class_probabilities(wins, batch_size=batch_size, device=device)
             bar.update(stop - start)
+    if lat is not None:
+        pi, fi = rows
+        for name in pose:
+            if name in lat:
+                pose[name] = np.asarray(lat[name].values[pi, fi], np.float32)
+        pose_source = f"{latents} (encode's calibrated values, lab-frame angle)"
+    elif encode_pose:
+        pose_source = "the model's encode (spreads not calibrated, model-frame angle)"
+    else:
+        pose_source = "none (the model infers no pose)"
     table = class_table(patches["particle"].values, patches["frame"].values, prob, model.class_names)
+    for name, values in pose.items():
+        table[name] = values
     write_table(table, output, metadata={
         "class_names": list(model.class_names),
+        "pose_source": pose_source,
+        "units": {name: unit for name, (unit, _text) in SCALARS.items()},
         **provenance_attrs(settings=getattr(model, "config", {}), seed=int(model.settings.get("seed") or 0),
                            model_checksum=getattr(model, "checksum", None), stage="classify",
-                           inputs={"patches": str(patches_path), "model": str(model_path)}),
+                           inputs={"patches": str(patches_path), "model": str(model_path),
+                                   **({"latents": str(latents)} if latents is not None else {})}),
     })
     counts = table["cls"].value_counts().to_dict()
     log.info("%s: %d windows classified (%s)", output, n, ", ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -171,16 +203,8 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
         formats = tuple(dict.fromkeys(["png", *formats]))
         plots.templates(model, fig_dir, formats=formats, dpi=dpi)
         z = cls_index = None
-        if latents is not None:
-            lat = open_zarr(latents, required=["z"], what="latents store")
-            pi = np.searchsorted(lat["particle"].values, patches["particle"].values)
-            fi = np.searchsorted(lat["frame"].values, patches["frame"].values)
-            pi = pi.clip(max=lat.sizes["particle"] - 1)
-            fi = fi.clip(max=lat.sizes["frame"] - 1)
-            if (lat["particle"].values[pi] != patches["particle"].values).any() or \
-                    (lat["frame"].values[fi] != patches["frame"].values).any():
-                raise InputError(f"{latents}: its (particle, frame) grid does not hold the windows of {patches_path}; "
-                                 "expected the latents encoded from these patches")
+        if lat is not None:
+            pi, fi = rows
             z, cls_index = lat["z"].values[pi, fi], table["cls_index"].to_numpy()
         plots.manifold(model, fig_dir, z=z, cls_index=cls_index, formats=formats, dpi=dpi)
         plots.fractions(table, list(model.class_names), fig_dir, formats=formats, dpi=dpi)
@@ -191,12 +215,29 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
     return table
 
 
+def _latent_rows(latents: str | Path, patches, patches_path: Path):
+    """The latents store and the (particle, frame) grid indices of every window of ``patches``.
+
+    Raises InputError when the grid does not hold every window (latents of other patches).
+    """
+    from .io import open_zarr
+
+    lat = open_zarr(latents, required=["z"], what="latents store")
+    particle, frame = patches["particle"].values, patches["frame"].values
+    pi = np.searchsorted(lat["particle"].values, particle).clip(max=lat.sizes["particle"] - 1)
+    fi = np.searchsorted(lat["frame"].values, frame).clip(max=lat.sizes["frame"] - 1)
+    if (lat["particle"].values[pi] != particle).any() or (lat["frame"].values[fi] != frame).any():
+        raise InputError(f"{latents}: its (particle, frame) grid does not hold the windows of {patches_path}; "
+                         "expected the latents encoded from these patches")
+    return lat, (pi, fi)
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("patches", help="windows store (patches.zarr)")
-    parser.add_argument("model", help="model with classes (model.pt of rvae.model ssrvae or ssvae)")
+    parser.add_argument("model", help="model with classes (model.pt of rvae.model ssrvae, ssvae or jrvae)")
     parser.add_argument("-o", "--output", required=True, help="table to write (classes.parquet)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the model's)")
@@ -207,7 +248,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="draw class templates, the class manifold, class fractions per frame (and the "
                              "confusion matrix) here")
     parser.add_argument("--latents", default=None, metavar="LATENTS.zarr",
-                        help="this movie's latents (from encode): the class manifold spans each class's z")
+                        help="this movie's latents (from encode): the table takes their calibrated pose and "
+                             "spreads (else the model encodes them, uncalibrated), the class manifold each "
+                             "class's z")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -60,6 +60,9 @@ POSE_3D = {
     "tilt": ("rad", "angle between the body axis and the image plane (0 = lying flat, pi/2 = end-on)"),
     "tilt_sd": ("rad", "spread of the tilt"),
 }
+#: In-plane models whose angle and shift spreads come from the likelihood's curvature and are
+#: calibrated here: the rVAE and its class variants with a pose (ssvae infers none).
+POSE_MODELS = ("rvae", "ssrvae", "jrvae")
 PATCH_COORDS = ("particle", "frame", "x", "y")
 #: Windows read from the store at once when its chunks are not known.
 DEFAULT_BLOCK = 4096
@@ -335,7 +338,7 @@ def _calibrate_spreads(ds, model, window, patches_path, particle, frame, index, 
     """
     n_cal = int((settings or {}).get("calibration_windows", 512))
     model_settings = getattr(model, "settings", {})
-    if n_cal == 0 or model_settings.get("model", "rvae") != "rvae" or model_settings.get("condition") == "angle":
+    if n_cal == 0 or model_settings.get("model", "rvae") not in POSE_MODELS or model_settings.get("condition") == "angle":
         # (The angle-conditional model is given its angles: there is no angle spread to calibrate.)
         return ds
     pi, fi = index

@@ -170,6 +170,43 @@ def test_save_load_round_trip(trained, tmp_path):
     assert back.templates().shape == (3, 24, 24)
 
 
+def _white_noise_shift_sd(model, x: np.ndarray, enc: dict, step: float = 0.05) -> np.ndarray:
+    """Shift sd (px) of the independent-pixel Laplace form, computed by hand from the model's decode.
+
+    Central differences of the decoded window in (angle, dx, dy) at the encoded pose and most
+    probable class, ``s^2 (J^T J)^-1`` with ``s^2`` the residual's mean square: the narrowest
+    spread the likelihood allows; correlated residuals can only widen it.
+    """
+    cls = enc["cls_prob"].argmax(1)
+    base = {"angle": enc["angle"], "dx": enc["dx"], "dy": enc["dy"]}
+
+    def decoded(**moved):
+        return model.decode(enc["z"], cls=cls, **{**base, **moved}) + enc["background"][:, None, None]
+
+    jac = np.stack([(decoded(**{k: base[k] + h}) - decoded(**{k: base[k] - h})) / (2 * h)
+                    for k, h in (("angle", 1e-2), ("dx", step), ("dy", step))], 1).reshape(len(x), 3, -1)
+    resid = (x - decoded()).reshape(len(x), -1)
+    s2 = (resid ** 2).sum(1) / (resid.shape[1] - 3)
+    cov = np.linalg.inv(np.einsum("bip,bjp->bij", jac, jac)) * s2[:, None, None]
+    return np.sqrt(cov[:, 1, 1])
+
+
+def test_class_models_give_pose_spreads_as_the_rvae_does(trained):
+    """ssrvae's encode reports angle_sd, dx_sd, dy_sd (NaN before), no narrower than the hand-made Laplace form."""
+    model, _, _ = trained
+    x, _ = shape_set(6, math.pi, 1.5, seed=13)
+    enc = model.encode(x, device="cpu")
+    for name in ("angle_sd", "dx_sd", "dy_sd"):
+        assert np.isfinite(enc[name]).all() and (enc[name] > 0).all(), name
+    white = _white_noise_shift_sd(model, x, enc)
+    assert (enc["dx_sd"] >= 0.9 * white).all()
+    # Noisier windows are placed less precisely: their spreads widen with the noise.
+    noisy = x + np.random.default_rng(14).normal(0, 0.4, x.shape).astype(np.float32)
+    wide = model.encode(noisy, device="cpu")
+    assert np.median(wide["dx_sd"]) > 2 * np.median(enc["dx_sd"])
+    assert np.median(wide["dy_sd"]) > 2 * np.median(enc["dy_sd"])
+
+
 def test_class_models_need_labels_of_every_class():
     model = _model("ssrvae")
     x, y = shape_set(4, 0.1, 0.0, seed=5)
@@ -262,6 +299,10 @@ def test_train_classify_and_encode_write_the_class_contract(tmp_path, capsys):
                                                                       "class_confusion.png", "class_manifold.png"}
     table = pd.read_parquet(out)
     assert {"particle", "frame", "cls", "cls_index", "cls_prob", "prob_a", "prob_b", "prob_c"} <= set(table.columns)
+    # The pose and its spreads, as encode writes them (here the model's own, uncalibrated).
+    spreads = ["angle", "angle_sd", "flip_prob", "dx", "dy", "dx_sd", "dy_sd"]
+    assert set(spreads) <= set(table.columns)
+    assert np.isfinite(table[spreads].to_numpy()).all() and (table[["angle_sd", "dx_sd", "dy_sd"]] > 0).all().all()
     assert len(table) == len(x) and set(table["cls"]) <= {"a", "b", "c"}
     np.testing.assert_allclose(table[["prob_a", "prob_b", "prob_c"]].sum(axis=1), 1, atol=1e-5)
     latents = tmp_path / "latents.zarr"
@@ -278,6 +319,13 @@ def test_train_classify_and_encode_write_the_class_contract(tmp_path, capsys):
     assert main(["classify", str(patches), str(model), "-o", str(tmp_path / "c2.parquet"), "--device", "cpu",
                  "--no-progress", "--latents", str(latents), "--figures", str(tmp_path / "fig2")]) == 0
     assert (tmp_path / "fig2" / "class_manifold.png").stat().st_size > 0
+    # With the latents, the table's pose and spreads are encode's (calibrated) values, window by window.
+    with_latents = pd.read_parquet(tmp_path / "c2.parquet")
+    for name in spreads:
+        want = ds[name].values[np.searchsorted(ds["particle"].values, with_latents["particle"]),
+                               np.searchsorted(ds["frame"].values, with_latents["frame"])]
+        assert np.isfinite(want).all(), name
+        np.testing.assert_allclose(with_latents[name], want, rtol=1e-6, err_msg=name)
     other = tmp_path / "other" / "patches.zarr"
     _write_patches(other, x, particle + 100, frame)
     assert main(["classify", str(other), str(model), "-o", str(tmp_path / "c3.parquet"), "--device", "cpu",

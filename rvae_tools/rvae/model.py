@@ -95,6 +95,8 @@ class RVAE:
         s = self.settings
         k = int(s["latent_dim"])
         pose = s["model"] == "rvae"
+        #: Whether the model infers a pose (angle and shifts); class models set their own.
+        self.pose = pose
         rotations = int(s["rotations"]) if s["encoder"] == "equivariant" and pose else 1
         enc = build_encoder(s["encoder"] if pose or s["encoder"] != "equivariant" else "conv",
                             self.window_size, k, hidden=s["encoder_hidden"], channels=s["encoder_channels"],
@@ -342,7 +344,10 @@ class RVAE:
         source, batches = self._batches(windows, batch_size)
         dev = self._prepare(device)
         out = self._encode_buffers(len(source))
-        pose = self.settings["model"] == "rvae"
+        # The pose's spreads come from the likelihood's curvature for every model with a pose:
+        # the plain rVAE and the class models (ssrvae, jrvae) alike, whose decoder also takes
+        # the class (see _decoder_z).
+        pose = bool(getattr(self, "pose", self.settings["model"] == "rvae"))
         with torch.inference_mode():
             for idx, block in batches:
                 x, enc = self._encode_block(block, dev)

@@ -482,9 +482,10 @@ class ClassRVAE(RVAE):
                 out[idx] = torch.softmax(logits.float(), 1).cpu().numpy()
         return out
 
-    def encode(self, windows, batch_size: int | None = None, device: str | torch.device = "auto") -> dict[str, np.ndarray]:
-        """As :meth:`RVAE.encode`, plus ``cls_prob`` (n, K): the probability of every class."""
-        out = super().encode(windows, batch_size=batch_size, device=device)
+    def encode(self, windows, batch_size: int | None = None, device: str | torch.device = "auto",
+               method: str | None = None) -> dict[str, np.ndarray]:
+        """As :meth:`RVAE.encode` (the pose's spreads included), plus ``cls_prob`` (n, K): the probability of every class."""
+        out = super().encode(windows, batch_size=batch_size, device=device, method=method)
         out["cls_prob"] = self.class_probabilities(windows, batch_size=batch_size, device=device)
         return out
 
