@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 from scipy.stats import norm
+from scipy.stats import t as student_t
 
 if TYPE_CHECKING:  # torch is imported where the spreads are computed
     import torch
@@ -35,6 +36,10 @@ if TYPE_CHECKING:  # torch is imported where the spreads are computed
 MAX_SHIFT = 1.0
 #: The nominal coverages the calibration matches and their normal quantiles.
 NOMINAL = ((0.68, 0.994458), (0.95, 1.959964))
+#: Degrees of freedom of the Student t tried for a heavy-tailed error (see :func:`_fit_variance`).
+TAIL_DOFS = (30.0, 10.0, 6.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.0)
+#: Coverage error (a fraction) by which a t must beat the normal to be kept.
+TAIL_MARGIN = 0.005
 #: Largest share of (window, rotated copy) pairs that may disagree on a species' end for its
 #: polarity to count as resolved. Above it (more than about 5 % of windows on the wrong end,
 #: and flips that both copies share are not even seen) ``flip_prob`` is set to 0.5: the angle is
@@ -133,30 +138,57 @@ def transform_windows(windows: np.ndarray, phi: np.ndarray, delta: np.ndarray) -
     return out
 
 
-def _fit_variance(miss: np.ndarray, model_var: np.ndarray) -> dict[str, float]:
-    """(scale, floor) whose intervals cover the misses at the nominal 68 % and 95 %.
+def interval_factor(level: float, dof: float | np.ndarray = math.inf) -> float | np.ndarray:
+    """Half-width of the central ``level`` interval in units of the reported spread.
 
-    Each miss has the variance ``scale^2 model_var + 2 floor^2`` (two windows); the pair is
-    chosen on a grid to minimise the larger of the two coverage errors (the misses have
-    heavier tails than a normal, so a likelihood fit under-covers at 68 %).
+    The reported spread (``angle_sd``, ``dx_sd``, ...) is the scale of a Student t with ``dof``
+    degrees of freedom (``inf``: a normal, whose scale is its sd): the interval is
+    ``value +/- interval_factor(level, dof) * spread`` (0.994 and 1.960 for a normal at 68 %
+    and 95 %; wider at 95 % for a heavy-tailed error).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    q = 0.5 + level / 2
+    dof = np.asarray(dof, dtype=float)
+    out = np.where(np.isfinite(dof), student_t.ppf(q, np.where(np.isfinite(dof), dof, 1.0)), norm.ppf(q))
+    return float(out) if out.ndim == 0 else out
+
+
+def _fit_variance(miss: np.ndarray, model_var: np.ndarray, tails: bool = False, copies: int = 2) -> dict[str, float]:
+    """(scale, floor[, dof]) whose intervals cover the misses at the nominal 68 % and 95 %.
+
+    Each miss has the spread ``sqrt(scale^2 model_var + copies floor^2)`` (``copies`` = 2 for
+    the miss between a window and its transformed copy, 1 for a single window's error against
+    the truth); the pair is chosen on a grid to minimise the larger of the two coverage
+    errors. With ``tails``, the error's shape too: the spread is the scale of a Student t whose
+    degrees of freedom (:data:`TAIL_DOFS`) are chosen with it (a mixture of small errors and
+    occasional large ones has a 95 % interval more than 1.97 times its 68 % one, which no
+    normal spread matches at both levels); the normal is kept unless a t does better by more
+    than :data:`TAIL_MARGIN`.
     """
     miss, model_var = np.abs(np.asarray(miss, float)), np.asarray(model_var, float)
     ok = np.isfinite(miss) & np.isfinite(model_var)
     miss, model_var = miss[ok], model_var[ok]
     if miss.size < 10:
-        return {"scale": 1.0, "floor": 0.0, "n": int(miss.size)}
+        return {"scale": 1.0, "floor": 0.0, "n": int(miss.size), **({"dof": math.inf} if tails else {})}
     rms = float(np.sqrt(np.mean(miss ** 2))) + 1e-12
     typical = float(np.sqrt(np.median(model_var))) + 1e-12
     scales = np.concatenate([[0.0], np.geomspace(1e-3, 1e3, 61) * rms / typical])
     floors = np.concatenate([[0.0], np.geomspace(1e-3, 3.0, 61) * rms])
-    best = (np.inf, 1.0, 0.0)
-    for scale in scales:
-        sd = np.sqrt(scale ** 2 * model_var[None] + 2 * floors[:, None] ** 2)    # (floors, n)
-        worst = np.max([np.abs((miss[None] <= z * sd).mean(1) - c) for c, z in NOMINAL], axis=0)
-        i = int(np.argmin(worst))
-        if worst[i] < best[0]:
-            best = (float(worst[i]), float(scale), float(floors[i]))
-    return {"scale": best[1], "floor": best[2], "n": int(miss.size), "pair_coverage_error": best[0]}
+    best = (np.inf, 1.0, 0.0, math.inf)
+    for dof in (math.inf, *TAIL_DOFS) if tails else (math.inf,):
+        factors = [(c, interval_factor(c, dof)) for c, _ in NOMINAL]
+        margin = 0.0 if math.isinf(dof) else TAIL_MARGIN
+        for scale in scales:
+            sd = np.sqrt(scale ** 2 * model_var[None] + copies * floors[:, None] ** 2)    # (floors, n)
+            worst = np.max([np.abs((miss[None] <= k * sd).mean(1) - c) for c, k in factors], axis=0)
+            i = int(np.argmin(worst))
+            if worst[i] + margin < best[0]:
+                best = (float(worst[i]), float(scale), float(floors[i]), float(dof))
+    out = {"scale": best[1], "floor": best[2], "n": int(miss.size), "pair_coverage_error": best[0]}
+    if tails:
+        out["dof"] = best[3]
+    return out
 
 
 def _fit_flip_temperature(flip_a: np.ndarray, flip_b: np.ndarray, disagree: np.ndarray) -> dict[str, float]:
@@ -241,6 +273,103 @@ def fit_calibration(encode, windows: np.ndarray, seed: int = 0, flip: bool = Fal
     return out
 
 
+def _fit_flip_platt(flip: np.ndarray, flipped: np.ndarray) -> dict[str, Any]:
+    """Temperature and bias of ``flip' = sigmoid(logit(flip) / T + bias)`` that best predict the observed flips.
+
+    Platt scaling of the reported ``flip_prob`` against windows whose end is known (truth):
+    the two parameters maximise the likelihood of ``flipped`` (error beyond pi/2). The bias
+    carries a flip rate the model does not see at all (a posterior sure of the wrong end).
+    """
+    from scipy.optimize import minimize
+
+    f = np.clip(np.nan_to_num(np.asarray(flip, float), nan=0.5), 1e-6, 1 - 1e-6)
+    y = np.asarray(flipped, bool)
+    if y.size < 10:
+        return {"temperature": 1.0, "bias": 0.0, "n": int(y.size), "resolved": True}
+    logit = np.log(f / (1 - f))
+
+    def nll(p):
+        u = logit * p[0] + p[1]
+        return float(np.sum(np.logaddexp(0.0, u) - y * u))
+
+    fit = minimize(nll, x0=np.array([1.0, 0.0]), method="Nelder-Mead")
+    slope = float(np.clip(fit.x[0], 1e-3, 1e3))
+    return {"temperature": 1.0 / slope, "bias": float(fit.x[1]), "n": int(y.size), "flip_rate": float(y.mean()),
+            "resolved": True}
+
+
+def fit_error_calibration(errors: dict[str, np.ndarray], encoded: dict[str, np.ndarray], order: int) -> dict[str, Any]:
+    """Calibration of one species fitted on windows whose true pose is known (held-out simulated windows).
+
+    Unlike :func:`fit_calibration` (self-consistency, no truth), this sees every error,
+    including those a window and its rotated copy share (a template that fits the particle a
+    little turned or off-centre). Per quantity a quantile map ``(scale, floor, dof)`` is fitted
+    (:func:`_fit_variance` with ``tails``, ``copies`` = 1) so that the intervals of the
+    calibrated spreads hold 68 % and 95 % of the errors; for a species whose ends differ
+    (odd ``order``) ``flip_prob`` is first Platt-scaled to the observed flips
+    (:func:`_fit_flip_platt`) and the angle's quantile map is fitted to the two-branch interval
+    (:func:`angle_inside`), so a flip the calibrated ``flip_prob`` expects counts as covered.
+
+    Parameters
+    ----------
+    errors : dict
+        ``angle`` (true - reported, rad, in the lab frame of the reported angle), ``dx``,
+        ``dy`` (true - reported, px), per window.
+    encoded : dict
+        The windows' :meth:`RVAE.encode` outputs (``angle_sd``, ``flip_prob``, ``dx_sd``, ``dy_sd``).
+    order : int
+        Symmetry order n of the species: the angle error is taken modulo ``2 pi / n``.
+
+    Returns
+    -------
+    dict
+        In the layout of :func:`fit_calibration` (``angle``, ``shift``, optional ``flip``),
+        with ``dof`` in ``angle`` and ``shift`` and ``method`` naming the fit.
+    """
+    n = max(int(order), 1)
+    period = 2 * math.pi / n
+    err = np.remainder(np.asarray(errors["angle"], float) + period / 2, period) - period / 2
+    sd = np.asarray(encoded["angle_sd"], float)
+    out: dict[str, Any] = {"method": "quantile map fitted to known errors (held-out simulated windows)",
+                           "n_windows": int(err.size)}
+    if n % 2 == 1 and "flip_prob" in encoded:
+        flipped = np.abs(err) > math.pi / 2
+        out["flip"] = _fit_flip_platt(encoded["flip_prob"], flipped)
+        flip = apply_calibration({"flip_prob": encoded["flip_prob"]}, {"flip": out["flip"]})["flip_prob"]
+        out["angle"] = _fit_angle_branches(err, sd, flip)
+    else:
+        out["angle"] = _fit_variance(err, sd ** 2, tails=True, copies=1)
+    shift_err = np.concatenate([np.asarray(errors["dx"], float), np.asarray(errors["dy"], float)])
+    shift_var = np.concatenate([np.asarray(encoded["dx_sd"], float), np.asarray(encoded["dy_sd"], float)]) ** 2
+    out["shift"] = _fit_variance(shift_err, shift_var, tails=True, copies=1)
+    return out
+
+
+def _fit_angle_branches(err: np.ndarray, sd: np.ndarray, flip: np.ndarray) -> dict[str, float]:
+    """(scale, floor, dof) of the two-branch angle interval (:func:`angle_inside`) that covers ``err`` at 68 % and 95 %."""
+    ok = np.isfinite(err) & np.isfinite(sd)
+    err, sd, flip = err[ok], sd[ok], np.asarray(flip, float)[ok]
+    if err.size < 10:
+        return {"scale": 1.0, "floor": 0.0, "dof": math.inf, "n": int(err.size)}
+    # The spread's size from the errors on the reported end (the flips are the other branch).
+    near = np.abs(err) <= math.pi / 2
+    rms = float(np.sqrt(np.mean(err[near] ** 2))) + 1e-12 if near.any() else 1.0
+    typical = float(np.median(sd)) + 1e-12
+    scales = np.concatenate([[0.0], np.geomspace(1e-2, 1e2, 31) * rms / typical])
+    floors = np.concatenate([[0.0], np.geomspace(1e-2, 3.0, 31) * rms])
+    best = (np.inf, 1.0, 0.0, math.inf)
+    for dof in (math.inf, *TAIL_DOFS):
+        margin = 0.0 if math.isinf(dof) else TAIL_MARGIN
+        for scale in scales:
+            spread = np.sqrt((scale * sd[None]) ** 2 + floors[:, None] ** 2)     # (floors, n)
+            mass = angle_interval_mass(np.broadcast_to(err, spread.shape), spread, np.broadcast_to(flip, spread.shape), dof)
+            worst = np.max([np.abs((mass <= c).mean(1) - c) for c, _ in NOMINAL], axis=0)
+            i = int(np.argmin(worst))
+            if worst[i] + margin < best[0]:
+                best = (float(worst[i]), float(scale), float(floors[i]), float(dof))
+    return {"scale": best[1], "floor": best[2], "dof": best[3], "n": int(err.size), "coverage_error": best[0]}
+
+
 def apply_calibration(out: dict[str, np.ndarray], calibration: dict[str, Any] | None) -> dict[str, np.ndarray]:
     """``out`` (an encode dict) with ``angle_sd``, ``dx_sd``, ``dy_sd``, ``z_sd`` (and ``flip_prob``) calibrated."""
     if not calibration:
@@ -252,9 +381,14 @@ def apply_calibration(out: dict[str, np.ndarray], calibration: dict[str, Any] | 
         return np.sqrt((p["scale"] * raw) ** 2 + p["floor"] ** 2).astype(np.float32)
 
     for names, key in ((("angle_sd",), "angle"), (("dx_sd", "dy_sd"), "shift")):
+        if key not in calibration:
+            continue
         for name in names:
             if name in out:
                 out[name] = scaled(out[name], calibration[key])
+        if "dof" in calibration[key] and names[0] in out:
+            # The spreads are the scales of a Student t: intervals are +/- interval_factor(c, dof) * sd.
+            out[f"{key}_dof"] = np.full(np.shape(out[names[0]]), calibration[key]["dof"], dtype=np.float32)
     if "z" in calibration and "z_sd" in out:
         z_sd = np.array(out["z_sd"], dtype=np.float32, copy=True)
         for j, p in enumerate(calibration["z"]):
@@ -263,19 +397,31 @@ def apply_calibration(out: dict[str, np.ndarray], calibration: dict[str, Any] | 
     if "flip" in calibration and "flip_prob" in out:
         f = np.clip(np.asarray(out["flip_prob"], dtype=np.float64), 1e-6, 1 - 1e-6)
         t = float(calibration["flip"]["temperature"])
-        tempered = 1 / (1 + np.exp(-np.log(f / (1 - f)) / t)) if calibration["flip"].get("resolved", True) else 0.5
+        bias = float(calibration["flip"].get("bias", 0.0))
+        tempered = (1 / (1 + np.exp(-(np.log(f / (1 - f)) / t + bias)))
+                    if calibration["flip"].get("resolved", True) else 0.5)
         out["flip_prob"] = np.where(np.isfinite(f), tempered, np.nan).astype(np.float32)
     return out
 
 
-def angle_interval_mass(err: np.ndarray, sd: np.ndarray, flip: np.ndarray | None = None) -> np.ndarray:
+def _branch(dof: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per window: whether its branch is a t (finite dof), the dof used by scipy, and the standard density at 0."""
+    dof = np.asarray(dof, dtype=float)
+    is_t = np.isfinite(dof)
+    nu = np.where(is_t, dof, 1.0)
+    return is_t, nu, np.where(is_t, student_t.pdf(0.0, nu), norm.pdf(0.0))
+
+
+def angle_interval_mass(err: np.ndarray, sd: np.ndarray, flip: np.ndarray | None = None,
+                        dof: float | np.ndarray = math.inf) -> np.ndarray:
     """Posterior mass of the smallest angle interval that reaches the error ``err`` (rad).
 
-    The angle's posterior is read as the mixture ``(1 - flip) N(angle, sd) + flip N(angle + pi, sd)``
-    (the reported angle and its other end). The true angle lies inside the reported c-interval
-    (the highest-density set of mass c, which holds the flip branch once ``flip`` is large
-    enough) exactly when this mass is at most c. The two branches are treated as separate
-    (valid while ``sd`` is well below pi/2).
+    The angle's posterior is read as the mixture ``(1 - flip) T(angle, sd) + flip T(angle + pi, sd)``
+    (the reported angle and its other end), T a Student t of ``dof`` degrees of freedom and
+    scale ``sd`` (a normal when ``dof`` is inf). The true angle lies inside the reported
+    c-interval (the highest-density set of mass c, which holds the flip branch once ``flip``
+    is large enough) exactly when this mass is at most c. The two branches are treated as
+    separate (valid while ``sd`` is well below pi/2).
 
     Parameters
     ----------
@@ -286,6 +432,8 @@ def angle_interval_mass(err: np.ndarray, sd: np.ndarray, flip: np.ndarray | None
     flip : ndarray, optional
         ``flip_prob`` in [0, 1]; None or NaN = 0 (no flip branch, e.g. an n-fold species whose
         error is already taken modulo 2 pi / n).
+    dof : float or ndarray
+        Degrees of freedom of the error's t (``angle_dof`` of the calibration; inf = normal).
 
     Returns
     -------
@@ -295,20 +443,32 @@ def angle_interval_mass(err: np.ndarray, sd: np.ndarray, flip: np.ndarray | None
     err = np.remainder(np.asarray(err, float) + math.pi, 2 * math.pi) - math.pi
     sd = np.maximum(np.asarray(sd, float), 1e-12)
     f = np.zeros_like(err) if flip is None else np.clip(np.nan_to_num(np.asarray(flip, float)), 0.0, 1.0)
+    is_t, nu, peak = (np.broadcast_to(v, err.shape) for v in _branch(dof))
+
+    def pdf(x):
+        return np.where(is_t, student_t.pdf(x, nu), norm.pdf(x))
+
+    def cdf(x):
+        return np.where(is_t, student_t.cdf(x, nu), norm.cdf(x))
+
     other = np.remainder(err, 2 * math.pi) - math.pi            # distance from angle + pi
     weights = (1.0 - f, f)
-    density = sum(w * norm.pdf(u / sd) / sd for w, u in zip(weights, (err, other)))
+    density = sum(w * pdf(u / sd) / sd for w, u in zip(weights, (err, other)))
     mass = np.zeros_like(err)
-    for w in weights:
-        # Where this branch alone is denser than at the error: |u| <= k sd.
-        ratio = np.divide(w, sd * math.sqrt(2 * math.pi) * density, out=np.zeros_like(err), where=density > 0)
-        k = np.sqrt(2 * np.log(np.maximum(ratio, 1.0)))
-        mass += w * (2 * norm.cdf(k) - 1)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        for w in weights:
+            # Where this branch alone is denser than at the error: |u| <= k sd, with
+            # pdf(k) = pdf(0) / ratio (normal: k^2 = 2 log ratio; t: k^2 = nu (ratio^(2/(nu+1)) - 1)).
+            ratio = np.maximum(np.divide(w * peak, sd * density, out=np.zeros_like(err), where=density > 0), 1.0)
+            k = np.where(is_t, np.sqrt(nu * (ratio ** (2.0 / (nu + 1.0)) - 1.0)), np.sqrt(2 * np.log(ratio)))
+            k = np.nan_to_num(k, nan=0.0, posinf=np.inf)
+            mass += w * (2 * cdf(k) - 1)
     return np.where(density > 0, mass, 1.0)
 
 
-def angle_inside(err: np.ndarray, sd: np.ndarray, flip: np.ndarray | None, level: float) -> np.ndarray:
+def angle_inside(err: np.ndarray, sd: np.ndarray, flip: np.ndarray | None, level: float,
+                 dof: float | np.ndarray = math.inf) -> np.ndarray:
     """Whether the true angle lies in the reported ``level`` interval (see :func:`angle_interval_mass`)."""
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    return angle_interval_mass(err, sd, flip) <= level
+    return angle_interval_mass(err, sd, flip, dof) <= level
