@@ -33,6 +33,11 @@ ENCODE_METHODS = ("exact", "fast", "encoder")
 FAST_CANDIDATES = 4
 
 
+def _position(keep: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Where (B, 1) in each row of the decoded rotations ``keep`` (B, c) the rotation ``best`` (B, 1) first is."""
+    return (keep == best).int().argmax(1, keepdim=True)
+
+
 def _default_settings(overrides: dict[str, Any]) -> dict[str, Any]:
     from ..config import validate_section
 
@@ -232,7 +237,14 @@ class RVAE:
 
     def _responsibilities(self, x: torch.Tensor, enc: dict[str, torch.Tensor], **kw) -> torch.Tensor:
         """Posterior over the discrete rotations given the posterior means of z and the shift."""
-        return torch.softmax(self.log_rotation_prior[None] + self._log_likelihood(x, enc, enc["theta_mu"], **kw), dim=1)
+        return self._all_responsibilities(x, enc, **kw)[0]
+
+    def _all_responsibilities(self, x: torch.Tensor, enc: dict[str, torch.Tensor],
+                              **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_responsibilities` (B, r), the rotations decoded (B, r: all) and their decodings (B, r, H, W)."""
+        loglik, decoded = self._fit_angles(x, enc, enc["theta_mu"], **kw)
+        keep = torch.arange(loglik.shape[1], device=x.device).expand(x.shape[0], -1)
+        return torch.softmax(self.log_rotation_prior[None] + loglik, dim=1), keep, decoded
 
     def _log_likelihood(self, x: torch.Tensor, enc: dict[str, torch.Tensor], theta: torch.Tensor, *,
                         background: torch.Tensor | None = None, tpl: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,19 +253,25 @@ class RVAE:
         ``background`` (B,) and the decoder's template ``tpl``, when the caller already has them,
         are not computed again.
         """
+        return self._fit_angles(x, enc, theta, background=background, tpl=tpl)[0]
+
+    def _fit_angles(self, x: torch.Tensor, enc: dict[str, torch.Tensor], theta: torch.Tensor, *,
+                    background: torch.Tensor | None = None,
+                    tpl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_log_likelihood` (B, m) and the decodings (B, m, H, W) it compared (background not added)."""
         mask = torch.isfinite(x)
         x0 = torch.nan_to_num(x, nan=0.0)
         kw = {"tpl": tpl} if tpl is not None else {}
-        decoded = self.decoder(self._decoder_z(enc), theta, enc["t_mu"], **kw).float()
+        raw = self.decoder(self._decoder_z(enc), theta, enc["t_mu"], **kw).float()
         if background is None:
             background = self._background(x0, mask)
-        decoded = decoded + background[:, None, None, None]
+        decoded = raw + background[:, None, None, None]
         mm = mask[:, None].float() if not bool(mask.all()) else None
         if self.settings["likelihood"] == "bernoulli":
             rec = losses.bernoulli_nll(x0[:, None], decoded, mm)
         else:
             rec = losses.gaussian_nll(x0[:, None], decoded, self._noise_sd(), mm)
-        return -rec
+        return -rec, raw
 
     def _decoder_z(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoder's input at the posterior mean (class models add their most probable class)."""
@@ -358,15 +376,20 @@ class RVAE:
                 decode = method != "encoder"
                 tpl = (self.decoder.template(zdec)
                        if isinstance(self.decoder, TemplateDecoder) and pose and decode else None)
-                if self.rotations > 1 and method == "exact":
-                    q = self._responsibilities(x, enc, background=background, tpl=tpl)
-                elif self.rotations > 1 and method == "fast":
-                    q = self._candidate_responsibilities(x, enc, q, background=background, tpl=tpl)
+                fitted = None   # the decoding at the reported pose, when the rotations were decoded
+                if self.rotations > 1 and method != "encoder":
+                    if method == "exact":
+                        q, keep, decoded = self._all_responsibilities(x, enc, background=background, tpl=tpl)
+                    else:
+                        q, keep, decoded = self._candidate_responsibilities(x, enc, q, background=background, tpl=tpl)
                 best = q.argmax(1, keepdim=True)
+                if self.rotations > 1 and method != "encoder":
+                    fitted = decoded.gather(1, _position(keep, best)[:, :, None, None].expand(
+                        -1, 1, *decoded.shape[2:]))[:, 0]
                 theta = enc["theta_mu"].gather(1, best)[:, 0]
                 theta = torch.remainder(theta + math.pi, 2 * math.pi) - math.pi
                 if pose and decode:
-                    var = self._laplace(x, zdec, theta, enc["t_mu"], background, tpl=tpl)
+                    var = self._laplace(x, zdec, theta, enc["t_mu"], background, tpl=tpl, fitted=fitted)
                 elif pose:
                     var = torch.cat([enc["theta_logsd"].gather(1, best) if self.rotations > 1
                                      else enc["theta_logsd"][:, :1], enc["t_logsd"]], 1).exp() ** 2
@@ -418,8 +441,10 @@ class RVAE:
         return x, {key: value.float() for key, value in enc.items()}
 
     def _candidate_responsibilities(self, x: torch.Tensor, enc: dict[str, torch.Tensor], q: torch.Tensor,
-                                    top: int = FAST_CANDIDATES, **kw) -> torch.Tensor:
-        """Exact responsibilities among a few candidate rotations; 0 elsewhere.
+                                    top: int = FAST_CANDIDATES,
+                                    **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exact responsibilities (B, r) among a few candidate rotations, 0 elsewhere; the candidates
+        (B, c) and their decodings (B, c, H, W).
 
         The candidates are the encoder's ``top`` most probable rotations and their half-turns
         (at most ``2 top`` of the r rotations are decoded). The half-turns are there because
@@ -438,20 +463,23 @@ class RVAE:
             dup = torch.cat([torch.zeros_like(dup), dup], 1)
         else:
             dup = torch.zeros_like(keep, dtype=torch.bool)
-        log_w = self.log_rotation_prior[keep] + self._log_likelihood(x, enc, enc["theta_mu"].gather(1, keep), **kw)
+        loglik, decoded = self._fit_angles(x, enc, enc["theta_mu"].gather(1, keep), **kw)
         # A rotation listed twice (the half-turn of another candidate) counts once.
-        log_w = log_w.masked_fill(dup, -math.inf)
-        return torch.zeros_like(q).scatter_add(1, keep, torch.softmax(log_w, dim=1))
+        log_w = (self.log_rotation_prior[keep] + loglik).masked_fill(dup, -math.inf)
+        return torch.zeros_like(q).scatter_add(1, keep, torch.softmax(log_w, dim=1)), keep, decoded
 
     def _laplace(self, x: torch.Tensor, z: torch.Tensor, theta: torch.Tensor, shift: torch.Tensor,
-                 background: torch.Tensor, tpl: torch.Tensor | None = None) -> torch.Tensor:
+                 background: torch.Tensor, tpl: torch.Tensor | None = None,
+                 fitted: torch.Tensor | None = None) -> torch.Tensor:
         """Variances (B, 3) of (angle rad, dx, dy grid units) from the likelihood's local curvature.
 
         A Gauss-Newton (Laplace) approximation at the reported pose with ``J`` the derivative
         of the decoded window with respect to (angle, dx, dy) (forward differences) and the
         window's own residual, whose spatial correlation is counted
         (:func:`.uncertainty.pose_covariance`), so a window the model fits badly gets wide
-        intervals. Costs four decodings of one rotation per window.
+        intervals. Costs three decodings of one rotation per window, in one decoder call, and a
+        fourth at the pose itself unless ``fitted`` (B, H, W), the decoding there without the
+        background, is given.
         """
         eps_a, eps_t = 1e-2, 0.05 * self.pixel
         th = theta[:, None]
@@ -460,10 +488,12 @@ class RVAE:
             kw["tpl"] = self.decoder.template(z) if tpl is None else tpl
         ex = torch.tensor([eps_t, 0.0], device=x.device)
         ey = torch.tensor([0.0, eps_t], device=x.device)
-        pair = self.decoder(z, torch.cat([th, th + eps_a], 1), shift, **kw).float()
-        images = [pair[:, 0], pair[:, 1],
-                  self.decoder(z, th, shift + ex, **kw).float()[:, 0],
-                  self.decoder(z, th, shift + ey, **kw).float()[:, 0]]
+        # (angle + eps, shift), (angle, shift + ex), (angle, shift + ey) [and (angle, shift)].
+        angles = [th + eps_a, th, th] + ([th] if fitted is None else [])
+        shifts = [shift, shift + ex, shift + ey] + ([shift] if fitted is None else [])
+        moved = self.decoder(z, torch.cat(angles, 1), torch.stack(shifts, 1), **kw).float()
+        centre = moved[:, 3] if fitted is None else fitted.float()
+        images = [centre, moved[:, 0], moved[:, 1], moved[:, 2]]
         if self.settings["likelihood"] == "bernoulli":
             images = [torch.sigmoid(im) for im in images]
         mean = images[0] + background[:, None, None]
