@@ -177,16 +177,37 @@ def run_variant(root: Path, tracks: pd.DataFrame, mask: str, epochs: int, size: 
     }
 
 
+def _true_species(movie_dir: Path) -> list[dict]:
+    """The simulated species (``name``, ``cls``, ``symmetry``, ...) of a run's raw/simulation.json, or []."""
+    meta = movie_dir / "raw" / "simulation.json"
+    return json.loads(meta.read_text()).get("species", []) if meta.exists() else []
+
+
 def score_results(movie_dir: Path) -> dict:
     """Lab-frame angle of a finished run (results/NAME with truth.parquet) against the truth, per species.
 
-    ``lab_*``: ``|mean exp(i n (angle - truth))|`` with nothing fitted (the lab frame must hold
-    as stored); ``free_*``: the same maximised over a sense and an offset (as bench/rvae.py).
+    Reads ``latents.zarr``, ``truth.parquet`` and, when there, ``raw/simulation.json`` (the true
+    species' names and symmetry orders); see :func:`score_latents`.
+    """
+    return score_latents(xr.open_zarr(movie_dir / "latents.zarr"), pd.read_parquet(movie_dir / "truth.parquet"),
+                         _true_species(movie_dir))
+
+
+def score_latents(ds: xr.Dataset, truth: pd.DataFrame, true_species: list[dict] | None = None) -> dict:
+    """Lab-frame angles of latents against the simulated truth, per TRUE species.
+
+    Every figure is per true species (``cls`` of the truth), over the windows whose centre lies
+    within 2 px of a true particle. ``lab_*``: ``|mean exp(i n (angle - truth))|`` with nothing
+    fitted (the lab frame must hold as stored), n the true symmetry order when ``true_species``
+    gives it (else the order found for the species holding most of its windows, ``n_found_*``),
+    and ``lab_offset_deg_*`` the constant offset left (deg, modulo 360 / n; 0 when the lab frame
+    holds);
+    ``free_*``: the same maximised over a sense and an offset (as bench/rvae.py);
+    ``species_of_*``: the found species holding most of the true species' windows (-1: none),
+    ``species_share_*``: the share of its windows that species holds; ``true_name_*``.
     """
     from scipy.spatial import cKDTree
 
-    ds = xr.open_zarr(movie_dir / "latents.zarr")
-    truth = pd.read_parquet(movie_dir / "truth.parquet")
     table = json.loads(ds.attrs["species"])
     out = {"symmetry_found": ds.attrs["species_symmetry"], "species_source": ds.attrs["species_source"],
            "offset_deg": [round(float(np.degrees(o)), 1) for o in ds.attrs["angle_offset"]],
@@ -205,14 +226,25 @@ def score_results(movie_dir: Path) -> dict:
         pairs.append(pd.DataFrame({"angle": ang[ok, k][good], "truth": t.angle.to_numpy()[j[good]],
                                    "true_cls": t.cls.to_numpy()[j[good]], "species": sp[ok][good]}))
     pairs = pd.concat(pairs, ignore_index=True)
+    known = {int(s["cls"]): s for s in true_species or []}
     for cls, g in pairs.groupby("true_cls"):
-        n = 2 if g.species.iloc[0] < 0 else max(int(table[int(g.species.mode().iloc[0])]["symmetry"]), 1)
+        found = int(g.species.mode().iloc[0])
+        n_found = 2 if found < 0 else max(int(table[found]["symmetry"]), 1)
+        n = int(known[int(cls)]["symmetry"]) if int(cls) in known else n_found
+        out[f"true_name_cls{cls}"] = known.get(int(cls), {}).get("name", str(cls))
+        out[f"species_of_cls{cls}"] = found
+        out[f"species_share_cls{cls}"] = round(float(np.mean(g.species.to_numpy() == found)), 4)
+        out[f"windows_cls{cls}"] = len(g)
         d = g.angle.to_numpy() - g.truth.to_numpy()
-        out[f"lab_consistency_cls{cls}"] = round(float(np.abs(np.nanmean(np.exp(1j * n * d)))), 4)
+        resultant = np.nanmean(np.exp(1j * n * d))
+        out[f"lab_consistency_cls{cls}"] = round(float(np.abs(resultant)), 4)
+        # the constant offset left between stored and true angles (0 when the lab frame holds)
+        out[f"lab_offset_deg_cls{cls}"] = round(float(np.degrees(np.angle(resultant) / n)), 1)
         free = max(float(np.abs(np.nanmean(np.exp(1j * n * (g.truth.to_numpy() - s * g.angle.to_numpy())))))
                    for s in (1, -1))
         out[f"free_consistency_cls{cls}"] = round(free, 4)
         out[f"n_cls{cls}"] = n
+        out[f"n_found_cls{cls}"] = n_found
     return out
 
 
