@@ -299,6 +299,7 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
         return found, det, typical if len(typical) else det
 
     found, det, typical = detect(settings)
+    area = float(typical["area"].median())
     length = float(typical["length"].median())
     width = float(typical["width"].median())
     length_p95 = float(np.percentile(typical["length"], 95))
@@ -322,6 +323,9 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
         own = _particles(scaled)
         length = max(length, _area_weighted_median(own["length"], own["area"]))
         length_p95 = max(length_p95, float(np.percentile(own["length"], 95)))
+        # And so does the area the detector's area limits follow from: caulo_15's stalk pieces
+        # (23 px) set a ceiling of 184 px that dropped every cell (about 250 px).
+        area = max(area, _area_weighted_median(own["area"], own["area"]))
     if length > MAX_FRACTION * min(h, w):
         raise InputError(f"inspect: particles are {length:.0f} px long, larger than a third of the {h} x {w} px frame; "
                          "crop less or bin the movie less")
@@ -359,7 +363,6 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
         search = max(2.0, 0.5 * width)
     if np.isfinite(spacing):
         search = min(search, max(2.0, 0.5 * spacing))
-    area = float(typical["area"].median())
     diameter = int(2 * math.floor(max(width, 3.0) / 2) + 1)
     suggested = {
         "segment": {

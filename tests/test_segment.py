@@ -422,3 +422,59 @@ def test_self_training_on_classical_regions_of_a_dark_movie():
     assert config["source"] == "pseudo" and config["normalisation"]["invert"] is True
     det, _ = segment_movie(movie, settings, model=model, model_config=config)
     assert detection_scores(det, truth, 3.0)["f1"] >= 0.85
+
+
+def _capsule(shape, p0, p1, radius):
+    """Mask of a rod with round caps from ``p0`` to ``p1`` ((x, y) px), ``radius`` px."""
+    yy, xx = np.indices(shape, dtype=np.float64)
+    p0, d = np.asarray(p0, np.float64), np.subtract(p1, p0).astype(np.float64)
+    t = np.clip(((xx - p0[0]) * d[0] + (yy - p0[1]) * d[1]) / (d @ d), 0, 1)
+    return np.hypot(xx - p0[0] - t * d[0], yy - p0[1] - t * d[1]) <= radius
+
+
+def _phase_contrast(cells, shape, *, seed=0, texture=0.0):
+    """Dark cells (contrast 0.6) with a bright halo on a bright background, drawn without the
+    project's simulator: a blurred body, a ring of the difference of two blurs, optional
+    smooth texture inside the cells, and 2 % pixel noise."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    body = np.max(np.stack(cells), axis=0).astype(np.float64)
+    image = 1.0 - 0.6 * ndimage.gaussian_filter(body, 1.0)
+    image += 1.5 * np.clip(ndimage.gaussian_filter(body, 3.0) - ndimage.gaussian_filter(body, 1.0), 0, None)
+    image += texture * ndimage.gaussian_filter(rng.normal(size=shape), 1.5) * body
+    return image + 0.02 * rng.normal(size=shape)
+
+
+def _count_cells(image, width):
+    from rvae_tools.segment.classical import classical_frame
+
+    settings = dict(validate_section("segment", {})["classical"], width=width, background=None, block=None,
+                    min_area=0.75 * width**2, max_area=None)
+    return classical_frame(image, settings, invert=True)
+
+
+@pytest.mark.parametrize("gap", [1, 2])
+def test_classical_detector_splits_touching_phase_contrast_cells_side_by_side_and_end_to_end(gap):
+    """Two 9 px wide cells a halo line apart, side by side or pole to pole: two detections each,
+    centred on the cells."""
+    shape = (96, 128)
+    side = [_capsule(shape, (40, 40), (80, 40), 4.5), _capsule(shape, (40, 49 + gap), (80, 49 + gap), 4.5)]
+    ends = [_capsule(shape, (20, 48), (55, 48), 4.5), _capsule(shape, (64 + gap, 48), (100 + gap, 48), 4.5)]
+    for cells in (side, ends):
+        det = _count_cells(_phase_contrast(cells, shape), 9.0)
+        assert len(det) == 2
+        truth = pd.DataFrame({"frame": 0, "x": [np.nonzero(c)[1].mean() for c in cells],
+                              "y": [np.nonzero(c)[0].mean() for c in cells]})
+        assert detection_scores(truth, det, 3.0)["f1"] == 1.0
+
+
+def test_classical_detector_keeps_a_textured_curved_cell_whole():
+    """A curved 9 px wide cell with texture inside (about 6 % of its contrast, as the granules
+    of a real bacterium): one detection, whatever the noise. A split on every dip of the signal
+    cut it in three to five pieces."""
+    shape = (96, 128)
+    yy, xx = np.indices(shape)
+    arc = (np.abs(np.hypot(xx - 64, yy - 90) - 50) <= 4.5) & (yy < 70)
+    counts = [len(_count_cells(_phase_contrast([arc], shape, seed=s, texture=0.2), 9.0)) for s in range(5)]
+    assert counts == [1] * 5

@@ -7,15 +7,16 @@ and measure every region: intensity-weighted centre, orientation and major/minor
 the region's second moments, length and width as the region's extent along those axes, area.
 
 With a particle ``width`` (the inspected one for a user movie) the threshold and the split
-are scale-aware (:func:`width_foreground`, :func:`tree_markers`): a difference of Gaussians
+are scale-aware (:func:`width_foreground`, :func:`valley_map`): a difference of Gaussians
 (sigma ``width / 8``, at least 1 px, and ``1.5 width``) takes out the halos and the uneven background of phase
 contrast, half the Otsu level of its positive part is the foreground, an opening of a
-quarter width removes thin structures (stalks, fibrils, scratches), and touching particles
-are told apart by the component tree of the signal: a region is split where it falls
-apart into pieces that each keep a particle's area and rise a tenth of the frame's contrast
-above the saddle between them, so a dim septum or a bright gap separates two cells but the
-texture inside one does not. Without a width, the Otsu threshold and the distance-transform
-watershed of :func:`rvae_tools.segment.postprocess._split_touching` are used.
+quarter width removes thin structures (stalks, fibrils, scratches). Touching particles are
+told apart by the valleys between them (where the signal curves up across a line: the bright
+halo between two dark cells, a dim septum): the foreground outside the valleys falls into
+cores (:func:`valley_markers`) that a watershed grows back over the foreground, and touching
+pieces that line up across a shallow valley are joined again (:func:`merge_fragments`), so
+the texture inside a curved cell does not cut it. Without a width, the Otsu threshold and the
+distance-transform watershed of :func:`rvae_tools.segment.postprocess._split_touching` are used.
 """
 
 from __future__ import annotations
@@ -243,7 +244,7 @@ def classical_frame(frame: np.ndarray, settings: dict[str, Any], *, invert: bool
         ``split_h`` (px), ``split_area``, ``min_distance`` (px, about the particle width),
         ``border_fraction``, ``edge`` (px), ``width`` (px, the particles' width: the
         scale-aware threshold and split of :func:`width_foreground` and
-        :func:`tree_markers`; null or absent = Otsu and the distance-transform watershed).
+        :func:`valley_markers`; null or absent = Otsu and the distance-transform watershed).
     invert : bool
         Particles darker than the background.
     index : int
@@ -306,16 +307,28 @@ FG_SMOOTH_MIN = 1.0
 FG_NOISE = 3.0
 #: Sigma (in widths) of the wide Gaussian, the local background of the foreground.
 FG_BACKGROUND = 1.5
-#: Levels of the component tree between the foreground's 1st and 99th signal percentiles.
-TREE_LEVELS = 16
-#: A split must rise this share of the foreground's signal range above the saddle.
-TREE_DEPTH = 0.1
-#: A piece of a split keeps at least this many squared widths of area.
-TREE_AREA = 0.3
-#: Smoothing (sigma, in widths) of the signal the component tree is built on.
-TREE_SMOOTH = 0.125
-#: ... and this many standard deviations of the smoothed pixel noise.
-TREE_NOISE = 6.0
+#: Sigma (in widths, at least :data:`VALLEY_SMOOTH_MIN` px) of the Hessian that finds the
+#: valleys between touching particles: a quarter width resolves a gap of a few px between two
+#: cells without answering to the texture inside one.
+VALLEY_SCALE = 0.25
+VALLEY_SMOOTH_MIN = 1.0
+#: A pixel is in a valley where the signal curves up (largest Hessian eigenvalue) by more than
+#: this share of how much the foreground typically curves down across a particle (median of
+#: minus the smallest eigenvalue over the foreground): a unit-free level, whatever the contrast.
+VALLEY_CUT = 0.2
+#: ... and at least this many standard deviations of what pixel noise alone gives the
+#: Hessian, so shot noise on a small particle does not cut it.
+VALLEY_NOISE = 3.0
+#: A core (one marker) keeps at least this many squared widths of area.
+CORE_AREA = 0.3
+#: Two neighbouring pieces are one particle when the valley between them is shallower than
+#: this many cuts (median over their shared boundary) ...
+MERGE_VALLEY = 2.0
+#: ... and together they are no wider (ellipse minor axis) than this times the wider piece: two
+#: pieces of one rod line up, two cells side by side make a wider region.
+MERGE_WIDEN = 1.25
+#: Smoothing (sigma, in widths, at least 0.5 px) of the signal the watershed floods.
+FLOOD_SMOOTH = 0.125
 
 
 def width_foreground(signal: np.ndarray, width: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -360,76 +373,120 @@ def width_foreground(signal: np.ndarray, width: float) -> tuple[np.ndarray, np.n
     return fg, dog, float(t)
 
 
-def tree_markers(signal: np.ndarray, fg: np.ndarray, *, min_area: float, depth: float,
-                 levels: int = TREE_LEVELS) -> np.ndarray:
-    """One marker per particle from the component tree of ``signal`` inside ``fg``.
+def valley_map(signal: np.ndarray, fg: np.ndarray, width: float) -> np.ndarray:
+    """Valley strength (unit-free): the largest Hessian eigenvalue of ``signal`` in units of
+    :data:`VALLEY_CUT` times the median across-particle curvature of the foreground ``fg``
+    (or :data:`VALLEY_NOISE` noise standard deviations of it, whichever is larger).
 
-    Each connected region of ``fg`` is thresholded at rising levels (``levels`` steps
-    between the 1st and 99th percentile of ``signal`` over ``fg``). Where a region falls
-    apart into two or more pieces that each keep ``min_area`` px and whose peaks rise
-    ``depth`` (signal units) above the level of the split, every piece is resolved on its
-    own; otherwise the region is one particle and is its own marker.
-
-    Returns
-    -------
-    ndarray (y, x) int
-        Markers (0 = none).
+    Values above 1 are valleys: the bright gap or halo line between touching dark cells, the
+    dim septum between two bright ones. Zero everywhere when ``fg`` is empty or flat.
     """
-    markers = np.zeros(signal.shape, np.int64)
-    if not fg.any():
-        return markers
-    values = signal[fg]
-    lv = np.linspace(np.percentile(values, 1), np.percentile(values, 99), levels)
-    base, _ = ndimage.label(fg)
-    count = 0
-    for k, sl in enumerate(ndimage.find_objects(base)):
-        if sl is None:
-            continue
-        node = base[sl] == k + 1
-        if node.sum() < min_area:
-            continue
-        sub = signal[sl]
+    from skimage.feature import hessian_matrix, hessian_matrix_eigvals
 
-        def resolve(level: int, mask: np.ndarray, sub: np.ndarray = sub) -> list[np.ndarray]:
-            if level + 1 >= levels:
-                return [mask]
-            lab, n = ndimage.label((sub > lv[level + 1]) & mask)
-            if n == 0:
-                return [mask]
-            ids = np.arange(1, n + 1)
-            big = ids[np.bincount(lab.ravel(), minlength=n + 1)[1:] >= min_area]
-            if len(big) >= 2:
-                peaks = ndimage.maximum(sub, lab, big)
-                big = big[np.asarray(peaks) - lv[level + 1] >= depth]
-            if len(big) == 0:
-                return [mask]
-            if len(big) == 1:
-                deeper = resolve(level + 1, lab == big[0])
-                return deeper if len(deeper) >= 2 else [mask]
-            return [piece for i in big for piece in resolve(level + 1, lab == i)]
+    sigma = max(VALLEY_SMOOTH_MIN, VALLEY_SCALE * width)
+    h = hessian_matrix(signal, sigma=sigma, order="rc", use_gaussian_derivatives=True)
+    largest, smallest = hessian_matrix_eigvals(h)
+    across = float(np.median(-smallest[fg])) if fg.any() else 0.0
+    # White noise of sigma n gives a second Gaussian derivative of scale s a standard deviation
+    # of n sqrt(3 / (16 pi)) / s^3.
+    noise = noise_sigma(signal) * np.sqrt(3 / (16 * np.pi)) / sigma**3
+    unit = max(VALLEY_CUT * across, VALLEY_NOISE * noise)
+    if not unit > 0:
+        return np.zeros(signal.shape)
+    return largest / unit
 
-        for piece in resolve(0, node):
-            count += 1
-            markers[sl][piece] = count
-    return markers
+
+def valley_markers(valley: np.ndarray, fg: np.ndarray, *, min_area: float) -> np.ndarray:
+    """One marker per core: the connected parts of ``fg`` outside the valleys (``valley`` <= 1)
+    of at least ``min_area`` px, numbered from 1 (0 = none)."""
+    cores, n = ndimage.label(fg & (valley <= 1.0))
+    if n == 0:
+        return cores.astype(np.int64)
+    area = np.bincount(cores.ravel(), minlength=n + 1)
+    keep = area >= min_area
+    keep[0] = False
+    lut = np.zeros(n + 1, np.int64)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1)
+    return lut[cores]
+
+
+def _boundary_valleys(labels: np.ndarray, valley: np.ndarray) -> pd.DataFrame:
+    """Median valley strength along the shared boundary of every pair of touching regions.
+
+    Columns ``a`` < ``b`` (region ids) and ``valley``; a boundary pixel pair (4-neighbours with
+    different non-zero ids) scores the larger valley of its two pixels.
+    """
+    parts = []
+    for axis in (0, 1):
+        lo = labels.take(np.arange(labels.shape[axis] - 1), axis=axis)
+        hi = labels.take(np.arange(1, labels.shape[axis]), axis=axis)
+        vlo = valley.take(np.arange(valley.shape[axis] - 1), axis=axis)
+        vhi = valley.take(np.arange(1, valley.shape[axis]), axis=axis)
+        edge = (lo != hi) & (lo > 0) & (hi > 0)
+        parts.append(pd.DataFrame({"a": np.minimum(lo[edge], hi[edge]), "b": np.maximum(lo[edge], hi[edge]),
+                                   "valley": np.maximum(vlo[edge], vhi[edge])}))
+    pairs = pd.concat(parts, ignore_index=True)
+    return pairs.groupby(["a", "b"], as_index=False)["valley"].median()
+
+
+def _minor_axes(moments: np.ndarray) -> np.ndarray:
+    """Ellipse minor axes (px) from rows of pixel sums ``(n, sx, sy, sxx, syy, sxy)``."""
+    n, sx, sy, sxx, syy, sxy = moments.T
+    cxx = sxx / n - (sx / n) ** 2 + 1 / 12
+    cyy = syy / n - (sy / n) ** 2 + 1 / 12
+    cxy = sxy / n - sx * sy / n**2
+    small = (cxx + cyy) / 2 - np.sqrt(np.maximum(((cxx - cyy) / 2) ** 2 + cxy**2, 0))
+    return 4 * np.sqrt(np.maximum(small, 0))
+
+
+def merge_fragments(labels: np.ndarray, valley: np.ndarray) -> np.ndarray:
+    """Join touching regions that are pieces of one particle (see :data:`MERGE_VALLEY`,
+    :data:`MERGE_WIDEN`), shallowest valley first, until no pair qualifies.
+
+    A weak valley inside a particle (texture, a constriction of a curved cell) cuts it in
+    pieces that line up; a weak valley between two cells side by side does not, because the
+    two make a region wider than either. Returns the relabelled image (ids 1..n).
+    """
+    labels = labels.copy()
+    yy, xx = np.indices(labels.shape, dtype=np.float64)
+    while True:
+        ids = np.arange(int(labels.max()) + 1)
+        ones = np.ones(labels.shape)
+        moments = np.stack([ndimage.sum(v, labels, ids) for v in (ones, xx, yy, xx * xx, yy * yy, xx * yy)], axis=1)
+        moments[moments[:, 0] == 0, 0] = 1.0  # the background and unused ids: never merged, kept finite
+        pairs = _boundary_valleys(labels, valley)
+        if len(pairs) == 0:
+            break
+        a, b = pairs["a"].to_numpy(), pairs["b"].to_numpy()
+        own = _minor_axes(moments)
+        union = _minor_axes(moments[a] + moments[b])
+        ok = (pairs["valley"].to_numpy() < MERGE_VALLEY) & (union <= MERGE_WIDEN * np.maximum(own[a], own[b]))
+        if not ok.any():
+            break
+        lut = ids.copy()
+        taken: set[int] = set()
+        for k in np.flatnonzero(ok)[np.argsort(pairs["valley"].to_numpy()[ok])]:
+            if a[k] in taken or b[k] in taken:
+                continue  # one merge per region a round: the pair's measures are then still its own
+            lut[b[k]] = a[k]
+            taken.update((int(a[k]), int(b[k])))
+        labels = lut[labels]
+    _, inverse = np.unique(labels, return_inverse=True)
+    return inverse.reshape(labels.shape).astype(np.int64)
 
 
 def _scale_aware_regions(signal: np.ndarray, width: float, index: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """Regions of :func:`width_foreground` split by :func:`tree_markers` and a watershed."""
+    """Regions of :func:`width_foreground`: cores between the valleys (:func:`valley_markers`)
+    flooded over the foreground by a watershed, then pieces of one particle joined
+    (:func:`merge_fragments`)."""
     from skimage.segmentation import watershed
 
     fg, dog, t = width_foreground(signal, width)
     labels = np.zeros(signal.shape, np.int64)
     score = np.clip(0.5 * dog / t, 0.0, 1.0) if np.isfinite(t) else np.zeros(signal.shape)
     if fg.any():
-        sigma = max(0.5, TREE_SMOOTH * width)
-        fine = ndimage.gaussian_filter(signal, sigma)
-        values = fine[fg]
-        # White pixel noise smoothed by a Gaussian of sigma s keeps a standard deviation of
-        # noise / (2 sqrt(pi) s); a split must stand TREE_NOISE of those above the saddle,
-        # so noise on the plateau of one long particle does not cut it.
-        noise = noise_sigma(signal) / (2 * np.sqrt(np.pi) * sigma)
-        depth = max(TREE_DEPTH * float(np.percentile(values, 99) - np.percentile(values, 1)), TREE_NOISE * noise)
-        markers = tree_markers(fine, fg, min_area=TREE_AREA * width**2, depth=depth)
-        labels = watershed(-fine, markers, mask=fg)
+        valley = valley_map(signal, fg, width)
+        markers = valley_markers(valley, fg, min_area=CORE_AREA * width**2)
+        fine = ndimage.gaussian_filter(signal, max(0.5, FLOOD_SMOOTH * width))
+        labels = merge_fragments(watershed(-fine, markers, mask=fg), valley)
     return measure_regions(labels, np.clip(dog, 0, None), score, frame=index), labels
