@@ -102,17 +102,65 @@ def class_variables(prob: np.ndarray, class_names: list) -> tuple[dict[str, Any]
     return data_vars, coords
 
 
+#: Largest distance (px) from a window's centre to the simulated particle it is taken to show.
+TRUTH_MATCH_PX = 3.0
+
+
+def matched_accuracy(counts: np.ndarray) -> float:
+    """Accuracy of the best one-to-one matching of predicted classes (columns) to reference classes (rows).
+
+    ``counts`` (R, K) are window counts; a class the matching leaves out counts as wrong. For a
+    model that finds its classes without labels (jrvae), whose class order is arbitrary.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.sum() == 0:
+        return float("nan")
+    rows, cols = linear_sum_assignment(-counts)
+    return float(counts[rows, cols].sum() / counts.sum())
+
+
+def true_species(truth_path: str | Path, frame: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 max_distance: float = TRUTH_MATCH_PX) -> tuple[np.ndarray, list]:
+    """The simulated species (index, -1 = none) of each window, and the species' names, from ``truth.parquet``.
+
+    A window shows the simulated particle whose true centre is nearest its own (``x``, ``y``
+    px, in ``frame``), when that is within ``max_distance`` px. The names come from the file's
+    metadata (``species``), else the species indices.
+    """
+    from scipy.spatial import cKDTree
+
+    from .io import read_table, table_metadata
+
+    truth = read_table(truth_path, required=["frame", "x", "y", "cls"], what="truth table")
+    frame, x, y = np.asarray(frame), np.asarray(x, np.float64), np.asarray(y, np.float64)
+    species = np.full(frame.size, -1, dtype=np.int64)
+    for f, rows in truth.groupby("frame"):
+        sel = np.flatnonzero(frame == f)
+        if sel.size:
+            d, i = cKDTree(rows[["x", "y"]].to_numpy(np.float64)).query(np.stack([x[sel], y[sel]], 1))
+            species[sel] = np.where(d <= max_distance, rows["cls"].to_numpy(np.int64)[i], -1)
+    n = int(truth["cls"].max()) + 1 if len(truth) else 0
+    entries = {int(e["cls"]): e.get("name", e["cls"]) for e in table_metadata(truth_path).get("species", [])
+               if isinstance(e, dict) and "cls" in e}
+    return species, [entries.get(k, k) for k in range(n)]
+
+
 def classify_patches(patches_path: str | Path, model_path: str | Path, output: str | Path, *,
                      device: str = "auto", batch_size: int | None = None, progress: bool = True,
                      model: Any = None, labels: str | Path | None = None, figures_dir: str | Path | None = None,
-                     formats=("png",), dpi: int = 150, latents: str | Path | None = None) -> pd.DataFrame:
+                     formats=("png",), dpi: int = 150, latents: str | Path | None = None,
+                     truth: str | Path | None = None) -> pd.DataFrame:
     """Classify every window of ``patches_path`` with the class model at ``model_path``; write ``output`` (Parquet).
 
     With ``labels`` (a labels file of this movie, see :mod:`rvae_tools.labels`) the accuracy on
-    the labelled windows is logged; with ``figures_dir`` the class figures are drawn there
-    (templates, the latent manifold of each class, class fractions per frame, and the confusion
-    matrix when ``labels`` is given); ``latents`` (this movie's latents.zarr) gives the manifold
-    the z of each class's windows.
+    the labelled windows is logged; with ``truth`` (a simulated movie's truth.parquet) the
+    accuracy against the species of the particle each window shows (:func:`true_species`),
+    under the best one-to-one matching of classes to species; with ``figures_dir`` the class
+    figures are drawn there (templates, the latent manifold of each class, class fractions per
+    frame, and the confusion matrix when ``labels`` or ``truth`` is given; labels win when both
+    are); ``latents`` (this movie's latents.zarr) gives the manifold the z of each class's windows.
 
     The table also holds each window's pose and spreads (the variables of
     :data:`rvae_tools.encode.SCALARS`: angle and angle_sd in rad, flip_prob, dx, dy, dx_sd,
@@ -186,15 +234,29 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
     })
     counts = table["cls"].value_counts().to_dict()
     log.info("%s: %d windows classified (%s)", output, n, ", ".join(f"{k}: {v}" for k, v in counts.items()))
-    known = None
+    found = table["cls_index"].to_numpy()
+    reference = None   # (class index per window, names or None = the model's classes, what the rows are)
+    if truth is not None:
+        if "x" not in patches.variables or "y" not in patches.variables:
+            raise InputError(f"{patches_path}: no x, y coordinates; --truth matches each window's centre to the "
+                             "simulated particles")
+        species, species_names = true_species(truth, patches["frame"].values, patches["x"].values, patches["y"].values)
+        sel = species >= 0
+        counts = np.zeros((len(species_names), model.classes), dtype=np.int64)
+        np.add.at(counts, (species[sel], found[sel]), 1)
+        log.info("%s: accuracy %.3f against the simulated species on %d windows (classes matched one-to-one; "
+                 "%d windows with no particle within %g px)", truth, matched_accuracy(counts), int(sel.sum()),
+                 int((~sel).sum()), TRUTH_MATCH_PX)
+        reference = (species, species_names, "true species")
     if labels is not None:
         from .labels import read_labels, store_index, window_labels
 
         known, _ = window_labels(read_labels(labels), [store_index(patches_path)], source=str(labels),
                                  class_names=list(model.class_names))
         sel = known >= 0
-        log.info("%s: accuracy %.3f on %d labelled windows", labels,
-                 float((table["cls_index"].to_numpy()[sel] == known[sel]).mean()), int(sel.sum()))
+        log.info("%s: accuracy %.3f on %d labelled windows", labels, float((found[sel] == known[sel]).mean()),
+                 int(sel.sum()))
+        reference = (known, None, "labelled class")
     if figures_dir is not None:
         from .plots import classes as plots
 
@@ -208,10 +270,11 @@ def classify_patches(patches_path: str | Path, model_path: str | Path, output: s
             z, cls_index = lat["z"].values[pi, fi], table["cls_index"].to_numpy()
         plots.manifold(model, fig_dir, z=z, cls_index=cls_index, formats=formats, dpi=dpi)
         plots.fractions(table, list(model.class_names), fig_dir, formats=formats, dpi=dpi)
-        if known is not None:
-            sel = known >= 0
-            plots.confusion(known[sel], table["cls_index"].to_numpy()[sel], list(model.class_names), fig_dir,
-                            formats=formats, dpi=dpi)
+        if reference is not None:
+            ref, ref_names, kind = reference
+            sel = ref >= 0
+            plots.confusion(ref[sel], found[sel], list(model.class_names), fig_dir, formats=formats, dpi=dpi,
+                            reference_names=ref_names, reference=kind)
     return table
 
 
@@ -244,9 +307,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--labels", default=None, help="labels file of this movie: log the accuracy on its windows "
                         "(and draw the confusion matrix with --figures)")
+    parser.add_argument("--truth", default=None, metavar="TRUTH.parquet",
+                        help="a simulated movie's truth: log the accuracy against the species of the particle each "
+                             "window shows (and draw the confusion matrix with --figures)")
     parser.add_argument("--figures", default=None, metavar="DIR",
                         help="draw class templates, the class manifold, class fractions per frame (and the "
-                             "confusion matrix) here")
+                             "confusion matrix, with --labels or --truth) here")
     parser.add_argument("--latents", default=None, metavar="LATENTS.zarr",
                         help="this movie's latents (from encode): the table takes their calibrated pose and "
                              "spreads (else the model encodes them, uncalibrated), the class manifold each "
@@ -256,7 +322,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     classify_patches(args.patches, args.model, args.output, device=args.device, batch_size=args.batch_size,
                      progress=not args.no_progress, labels=args.labels, figures_dir=args.figures,
-                     latents=args.latents)
+                     latents=args.latents, truth=args.truth)
     return 0
 
 

@@ -94,3 +94,59 @@ def test_train_and_classify_a_jrvae_from_the_command_line(tmp_path, capsys):
     assert main(["train", str(patches), "-o", str(tmp_path / "m2.pt"), "--labels", str(labels),
                  "--settings", settings]) == 2
     assert "finds its classes without labels" in capsys.readouterr().err
+
+
+def test_matched_accuracy_pairs_classes_with_species_one_to_one():
+    from rvae_tools.classify import matched_accuracy
+
+    assert matched_accuracy(np.array([[0, 5], [3, 0]])) == 1.0   # the classes swapped: still all right
+    assert matched_accuracy(np.array([[2, 2], [2, 2]])) == 0.5
+    # Three classes for two species: the extra class's windows count as wrong.
+    assert matched_accuracy(np.array([[4, 0, 1], [0, 5, 0]])) == pytest.approx(0.9)
+
+
+def test_classify_against_simulated_truth_draws_the_confusion_matrix(tmp_path, caplog):
+    import json
+    import logging
+
+    import pandas as pd
+    from test_ssrvae import _write_patches
+
+    from rvae_tools.classify import true_species
+    from rvae_tools.cli import main
+    from rvae_tools.io import write_table
+
+    x, y = shape_set(8, math.pi, 1.0, seed=34)            # 24 windows, 8 per shape, by shape
+    particle = np.arange(len(x)) // 4                     # 6 particles of 4 frames, one shape each
+    frame = np.tile(np.arange(4), len(x) // 4)
+    cx, cy = 20.0 + 30.0 * particle, np.full(len(x), 30.0)
+    patches = tmp_path / "sim" / "patches.zarr"
+    _write_patches(patches, x, particle, frame, cx, cy)
+    # The true centres lie within a pixel of the windows'; a second particle 5 px away is not
+    # taken; particle 5 has no true counterpart in frame 3 (nearest true particle 5 px away).
+    rows = [{"frame": f, "particle": p, "x": 20.0 + 30.0 * p + 0.6, "y": 30.0 - 0.5, "cls": int(y[4 * p])}
+            for p in range(6) for f in range(4) if (p, f) != (5, 3)]
+    rows += [{"frame": f, "particle": 100, "x": 20.0 + 30.0 * 5, "y": 35.0, "cls": 0} for f in range(4)]
+    truth = tmp_path / "sim" / "truth.parquet"
+    write_table(pd.DataFrame(rows), truth, metadata={"species": [{"name": n, "cls": k} for k, n in
+                                                               enumerate(("tadpole", "triangle", "L"))]})
+    species, names = true_species(truth, frame, cx, cy)
+    want = y.copy()
+    want[(particle == 5) & (frame == 3)] = -1
+    assert species.tolist() == want.tolist() and names == ["tadpole", "triangle", "L"]
+
+    model = tmp_path / "model.pt"
+    settings = json.dumps({**SMALL, "model": "jrvae", "classes": 3, "epochs": 1})
+    assert main(["train", str(patches), "-o", str(model), "--settings", settings, "--device", "cpu",
+                 "--no-progress"]) == 0
+    figures = tmp_path / "figures"
+    with caplog.at_level(logging.INFO, logger="rvae_tools.classify"):
+        assert main(["classify", str(patches), str(model), "-o", str(tmp_path / "classes.parquet"), "--device", "cpu",
+                     "--no-progress", "--truth", str(truth), "--figures", str(figures)]) == 0
+    assert (figures / "class_confusion.png").stat().st_size > 0
+    assert "against the simulated species on 23 windows" in caplog.text
+    # A truth table without the species column is refused with the file and what it lacks.
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame(rows).drop(columns="cls").to_parquet(bad)
+    assert main(["classify", str(patches), str(model), "-o", str(tmp_path / "c2.parquet"), "--device", "cpu",
+                 "--no-progress", "--truth", str(bad)]) == 2

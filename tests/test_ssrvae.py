@@ -263,15 +263,16 @@ def test_bad_labels_name_file_row_and_expectation(tmp_path, text, classes, messa
 # --------------------------------------------------------------------------- commands
 
 
-def _write_patches(path, windows, particle, frame):
+def _write_patches(path, windows, particle, frame, x=None, y=None):
     import xarray as xr
 
     from rvae_tools.io import write_zarr
 
     n = len(windows)
+    x = np.full(n, 50.0) if x is None else np.asarray(x, np.float64)
+    y = np.full(n, 40.0) if y is None else np.asarray(y, np.float64)
     ds = xr.Dataset({"window": (("obs", "wy", "wx"), windows)},
-                    coords={"particle": ("obs", particle), "frame": ("obs", frame),
-                            "x": ("obs", np.full(n, 50.0)), "y": ("obs", np.full(n, 40.0))})
+                    coords={"particle": ("obs", particle), "frame": ("obs", frame), "x": ("obs", x), "y": ("obs", y)})
     write_zarr(ds, path, encoding={"window": {"chunks": (32, *windows.shape[1:])}})
 
 

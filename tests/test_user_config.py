@@ -16,7 +16,7 @@ from _workflow import SNAKEFILE, tool_env
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _dry_run(work: Path, *configfiles: Path) -> subprocess.CompletedProcess:
+def _dry_run(work: Path, *configfiles: Path, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     # The workflow's own config/config.yaml (the demo) is there, as in a checkout.
     (work / "config").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "config" / "config.yaml", work / "config" / "config.yaml")
@@ -24,6 +24,7 @@ def _dry_run(work: Path, *configfiles: Path) -> subprocess.CompletedProcess:
             "--dry-run", "--forceall", "--cores", "1", "--workflow-profile", "none"]
     if configfiles:
         args += ["--configfile", *map(str, configfiles)]
+    args += list(extra)
     return subprocess.run(args, cwd=work, env=tool_env(), capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -128,11 +129,19 @@ def test_a_movie_with_labels_trains_the_semi_supervised_model(tmp_path):
     settings = json.loads(command[command.index("--settings") + 1])
     assert settings["model"] == "ssrvae"  # rvae.model left unset: the labels make it semi-supervised
     # ... and every movie the model encodes gets its classes and class figures.
-    proc = _dry_run(work, mine)
+    proc = _dry_run(work, mine, extra=("--printshellcmds",))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    classify = sorted(re.search(r"wildcards: movie=(\S+)", b).group(1) for r, b in _jobs(proc.stdout) if r == "classify")
-    assert classify == ["mine", "other"]
+    classify = {re.search(r"wildcards: movie=(\S+)", b).group(1): b for r, b in _jobs(proc.stdout)
+                if r in ("classify", "classify_with_reference")}
+    assert sorted(classify) == ["mine", "other"]
     assert "results/mine/figures/class_manifold.png" in proc.stdout
+    # Both have a reference class per window, so both get the confusion matrix: the labels table
+    # for the labelled movie, the simulator's truth for the other.
+    for movie, reference in (("mine", ["--labels", "labels/mine.csv"]), ("other", ["--truth", "results/other/truth.parquet"])):
+        command = shlex.split(re.search(r"rvae-tools classify .*", classify[movie]).group(0).split(">")[0])
+        at = command.index(reference[0])
+        assert command[at:at + 2] == reference, command
+        assert f"results/{movie}/figures/class_confusion.png" in classify[movie]
 
     # A labels path that does not exist, or a model that cannot learn from labels, stops before any rule.
     for entry, message in (({"labels": "labels/none.csv"}, "movies.mine.labels: labels/none.csv not found"),

@@ -1,7 +1,7 @@
 """Figures of a model with classes: upright templates, the latent manifold of each class, confusion
 matrix, class fractions over time.
 
-Drawn by ``rvae-tools classify --figures DIR`` (the confusion matrix needs ``--labels``; the
+Drawn by ``rvae-tools classify --figures DIR`` (the confusion matrix needs ``--labels`` or ``--truth``; the
 manifold spans each class's windows' z with ``--latents``, else the prior's +-2).
 """
 
@@ -19,7 +19,8 @@ FIGURES = {
     "class_manifold": "Latent manifold of every class: decodings upright and centred over a grid of the content "
                       "latents z1 (and z2), spanning the 2nd to 98th percentiles of the z of the windows assigned "
                       "to the class (the prior's -2..2 without them); further latents at the class's medians.",
-    "class_confusion": "Confusion matrix of the classifier on the labelled windows (rows: label, columns: predicted).",
+    "class_confusion": "Confusion matrix of the classifier on the windows with a known class (rows: the label, or "
+                       "the simulated species of the particle nearest the window's centre; columns: predicted).",
     "class_fractions": "Fraction of the windows of each frame assigned to each class (most probable class).",
 }
 
@@ -39,23 +40,35 @@ def templates(model, figures_dir, formats=("png", "svg"), dpi=150) -> list[Path]
 
 
 def confusion(true: np.ndarray, predicted: np.ndarray, class_names, figures_dir, formats=("png", "svg"),
-              dpi=150) -> list[Path]:
-    """Counts of (label, predicted) class indices over labelled windows, with per-row accuracy."""
-    k = len(class_names)
-    counts = np.zeros((k, k), dtype=np.int64)
+              dpi=150, reference_names=None, reference: str = "labelled class") -> list[Path]:
+    """Counts of (reference, predicted) class indices over the windows with a reference class, with the accuracy.
+
+    ``true`` indexes ``class_names`` (labels of the model's own classes) or, with
+    ``reference_names``, those (e.g. the simulated species, whose order a model without labels
+    need not share); the accuracy is then that of the best one-to-one matching of classes to
+    reference classes (:func:`rvae_tools.classify.matched_accuracy`). ``reference`` names the
+    rows ("labelled class", "true species").
+    """
+    from ..classify import matched_accuracy
+
+    names = [str(c) for c in class_names]
+    rows = names if reference_names is None else [str(c) for c in reference_names]
+    counts = np.zeros((len(rows), len(names)), dtype=np.int64)
     np.add.at(counts, (np.asarray(true), np.asarray(predicted)), 1)
-    fig, ax = new_figure(figsize=(1.0 * k + 2.0, 0.9 * k + 1.5))
+    fig, ax = new_figure(figsize=(1.0 * len(names) + 2.0, 0.9 * len(rows) + 1.5))
     im = ax.imshow(counts, cmap="Blues")
     for (i, j), n in np.ndenumerate(counts):
         ax.text(j, i, str(n), ha="center", va="center", fontsize="small",
                 color="white" if n > counts.max() / 2 else "black")
-    names = [str(c) for c in class_names]
-    ax.set_xticks(range(k), names, rotation=45, ha="right")
-    ax.set_yticks(range(k), names)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("predicted class")
-    ax.set_ylabel("labelled class")
-    acc = np.trace(counts) / max(counts.sum(), 1)
-    ax.set_title(f"accuracy {acc:.3f} on {counts.sum()} labelled windows")
+    ax.set_ylabel(reference)
+    if reference_names is None:
+        ax.set_title(f"accuracy {np.trace(counts) / max(counts.sum(), 1):.3f} on {counts.sum()} windows")
+    else:
+        ax.set_title(f"accuracy {matched_accuracy(counts):.3f} on {counts.sum()} windows\n"
+                     "(classes matched one-to-one to the rows)", fontsize="small")
     fig.colorbar(im, ax=ax, label="windows", shrink=0.8)
     return save_figure(fig, figures_dir, "class_confusion", formats=formats, dpi=dpi)
 

@@ -1,12 +1,37 @@
 # The classes of a model with a class latent (rvae.model ssrvae, ssvae, jrvae; a movie with
 # labels trains ssrvae): per-window classes and the class figures of each movie it encodes.
+# A movie with a reference class per window (a labels table, or a simulated movie's truth)
+# also gets the confusion matrix (rule classify_with_reference).
 CLASS_FIGURES = ("class_templates", "class_manifold", "class_fractions")
 CLASS_MOVIES = class_movies(config)
 
 
+def _labels_table(movie):
+    """The movie's labels file when it is a table (a folder of labelled images holds no windows of the movie)."""
+    labels = config["movies"][movie].get("labels")
+    return labels if labels and not os.path.isdir(labels) else None
+
+
+#: Class movies with a reference class per window: a labels table, else the simulator's truth.
+REFERENCE_MOVIES = [m for m in CLASS_MOVIES if _labels_table(m) or m in SIMULATED]
+
+
+def class_reference(wildcards):
+    """The file the confusion matrix takes its reference classes from: the labels table, else truth.parquet."""
+    return _labels_table(wildcards.movie) or f"{RESULTS}/{wildcards.movie}/truth.parquet"
+
+
+def class_reference_arg(wildcards):
+    """--labels PATH or --truth PATH (quoted for the shell)."""
+    labels = _labels_table(wildcards.movie)
+    flag, path = ("--labels", labels) if labels else ("--truth", class_reference(wildcards))
+    return f"{flag} {shlex.quote(path)}"
+
+
 rule classify:
-    """Class probabilities of every window (classes.parquet) and the class figures: upright templates,
-    the latent manifold of each class, class fractions per frame."""
+    """Class probabilities of every window (classes.parquet, with each window's pose and spreads from
+    the latents) and the class figures: upright templates, the latent manifold of each class, class
+    fractions per frame."""
     input:
         patches=f"{RESULTS}/{{movie}}/patches.zarr",
         latents=f"{RESULTS}/{{movie}}/latents.zarr",
@@ -23,10 +48,11 @@ rule classify:
             for stem in CLASS_FIGURES
         ],
     wildcard_constraints:
-        movie=_movie_pattern(CLASS_MOVIES),
+        movie=_movie_pattern([m for m in CLASS_MOVIES if m not in REFERENCE_MOVIES]),
     params:
         figures=lambda wildcards: f"{RESULTS}/{wildcards.movie}/figures",
         device=config["device"],
+        reference="",
     log:
         f"{RESULTS}/logs/classify/{{movie}}.log",
     benchmark:
@@ -40,4 +66,29 @@ rule classify:
     shell:
         "OMP_NUM_THREADS={threads} rvae-tools classify {input.patches:q} {input.model:q} -o {output.classes:q}"
         " --latents {input.latents:q} --figures {params.figures:q} --device {params.device:q} --no-progress"
-        " > {log:q} 2>&1"
+        " {params.reference} > {log:q} 2>&1"
+
+
+use rule classify as classify_with_reference with:
+    input:
+        patches=f"{RESULTS}/{{movie}}/patches.zarr",
+        latents=f"{RESULTS}/{{movie}}/latents.zarr",
+        model=rvae_model_path,
+        reference=class_reference,
+    output:
+        classes=f"{RESULTS}/{{movie}}/classes.parquet",
+        figures=[
+            report(
+                f"{RESULTS}/{{movie}}/figures/{stem}.png",
+                caption=f"../report/{stem}.rst",
+                category="{movie}",
+                subcategory="classes",
+            )
+            for stem in (*CLASS_FIGURES, "class_confusion")
+        ],
+    wildcard_constraints:
+        movie=_movie_pattern(REFERENCE_MOVIES),
+    params:
+        figures=lambda wildcards: f"{RESULTS}/{wildcards.movie}/figures",
+        device=config["device"],
+        reference=class_reference_arg,
