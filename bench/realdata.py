@@ -19,9 +19,16 @@ detections table. Scored against references made another way:
   ``tp.locate(diameter=9, minmass=140)`` positions (arr_3; match radius 3 px), and the
   polarity (dark).
 
+- ``omnipose_rotated`` (:func:`score_rotated`): the dense colony ``ec_5I_t141xy5c1`` turned by
+  2.5 degrees more each frame and shifted by about 1 px (10 frames), through the whole chain
+  from a plain movie entry (inspect, detect, track, windows, rVAE, encode; only the rVAE's
+  epochs given): the lab-frame rVAE angle and the detector's moment orientation against each
+  window's mask ellipse, the rVAE angle's change against the known turn, and the symmetry
+  order found for the rods.
+
 Prints one line per figure and ends with ONE line holding a JSON object of every figure.
 
-Usage: python bench/realdata.py [--skip-spheres]
+Usage: python bench/realdata.py [--skip-spheres] [--rotated-epochs N]
 """
 
 from __future__ import annotations
@@ -136,6 +143,153 @@ def score_rods(image: np.ndarray, masks: np.ndarray) -> dict[str, float]:
             "polarity_dark": float(inspection["polarity"] == "dark")}
 
 
+#: The rotated colony movie: frames (trajectories of the default ``track.min_length`` of 10
+#: frames need 10), the turn per frame (rad, from +x towards +y, about the frame centre; 2.5
+#: degrees moves a cell at the colony's rim by about 4.5 px, within the inspected search
+#: range) and the shift of frame k (x, y) px.
+ROTATED_FRAMES = 10
+ROTATED_STEP = np.radians(2.5)
+
+
+def rotated_shifts(frames: int) -> np.ndarray:
+    """Known shift (x, y) px of every frame of the rotated movie: a wobble of about 1 px."""
+    k = np.arange(frames)
+    return np.c_[np.sin(1.3 * k), np.cos(0.7 * k) - 1.0]
+
+
+def turn_and_shift(image: np.ndarray, phi: float, shift: np.ndarray, order: int, fill: float) -> np.ndarray:
+    """``image`` turned by ``phi`` (rad, from +x towards +y) about its centre, then moved by ``shift`` (x, y) px.
+
+    ``order`` 1 (linear) for the image, 0 for a label mask; pixels from outside the frame get ``fill``.
+    """
+    from scipy import ndimage
+
+    h, w = image.shape
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    px, py = xx - cx - shift[0], yy - cy - shift[1]
+    # output pixel p samples the input at R(-phi) p
+    sx = np.cos(phi) * px + np.sin(phi) * py + cx
+    sy = -np.sin(phi) * px + np.cos(phi) * py + cy
+    return ndimage.map_coordinates(image, [sy, sx], order=order, mode="constant", cval=fill)
+
+
+def rotated_movie(image: np.ndarray, masks: np.ndarray, frames: int = ROTATED_FRAMES,
+                  step: float = ROTATED_STEP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A short movie of one frame turned by ``step`` more each frame and shifted (:func:`rotated_shifts`).
+
+    Returns the movie (frame, y, x), the label masks carried along (nearest neighbour) and the
+    known turn of every frame (rad). The background poured in at the corners is the frame
+    border's median.
+    """
+    border = np.r_[image[0], image[-1], image[:, 0], image[:, -1]]
+    fill = float(np.median(border))
+    phis = step * np.arange(frames)
+    shifts = rotated_shifts(frames)
+    movie = np.stack([turn_and_shift(image, phi, sh, 1, fill) for phi, sh in zip(phis, shifts)])
+    labels = np.stack([turn_and_shift(masks.astype(np.float64), phi, sh, 0, 0.0).astype(np.int64)
+                       for phi, sh in zip(phis, shifts)])
+    return movie, labels, phis
+
+
+def encode_as_user(movie: np.ndarray, root: Path, *, epochs: int, seed: int = 0) -> dict:
+    """The chain from a plain movie entry: inspect, detect, track, windows, rVAE (``epochs``), encode.
+
+    Every stage setting is its default (``auto`` ones take the inspected value); only the
+    rVAE's epochs and seed are given (a CI-sized run). Returns the inspection, the patches
+    and latents datasets (each window's latent row on ``obs``) and the resolved window size.
+    """
+    import xarray as xr
+
+    from rvae_tools.config import validate_section
+    from rvae_tools.encode import encode_patches
+    from rvae_tools.inspect import resolve_settings
+    from rvae_tools.io import write_table, write_zarr
+    from rvae_tools.rvae import RVAE
+    from rvae_tools.track import track
+    from rvae_tools.windows import make_windows
+
+    inspection, det = detect_as_user({k: movie[k] for k in range(len(movie))})
+    track_settings, _ = resolve_settings("track", validate_section("track", {}), inspection)
+    tracks = track(det, track_settings).tracks
+    write_zarr(xr.Dataset({"image": (("frame", "y", "x"), movie.astype(np.float32))},
+                          attrs={"pixel_size": 1.0, "pixel_unit": "px", "frame_interval": 1.0, "sha256": "0" * 64}),
+               root / "movie.zarr")
+    write_table(tracks, root / "tracks.parquet")
+    windows, _ = resolve_settings("windows", validate_section("windows", {}), inspection)
+    make_windows(root / "movie.zarr", root / "tracks.parquet", root / "patches.zarr", windows, progress=False)
+    settings = validate_section("rvae", {"epochs": epochs, "seed": seed})
+    model = RVAE.from_settings(settings, int(windows["size"]))
+    model.fit([str(root / "patches.zarr")], device="cpu", progress=False)
+    latents = encode_patches(root / "patches.zarr", root / "model.pt", root / "latents.zarr", settings=settings,
+                             device="cpu", progress=False, model=model)
+    patches = xr.open_zarr(root / "patches.zarr")
+    p = np.searchsorted(latents.particle.values, patches.particle.values)
+    f = np.searchsorted(latents.frame.values, patches.frame.values)
+    return {"inspection": inspection, "patches": patches, "latents": latents, "size": int(windows["size"]),
+            "angle": latents["angle"].values[p, f].astype(np.float64),
+            "species": latents["species"].values[p], "n_tracks": int(tracks["particle"].nunique())}
+
+
+def score_rotated(image: np.ndarray, masks: np.ndarray, *, epochs: int = 3, frames: int = ROTATED_FRAMES) -> dict:
+    """rVAE angles of a real frame turned and shifted by known amounts, through the chain from a plain entry.
+
+    Each window is given the mask label under its centre in its own (turned) frame, so the
+    references come from the masks, not from the tracks. Figures (``mean cos(2 delta)``, 1 =
+    aligned modulo pi, 0 = random):
+
+    - ``rvae_vs_mask``: the lab-frame ``angle`` against the window's mask ellipse
+      (:func:`mask_reference` of the turned mask); ``moments_vs_mask`` the same for the
+      detector's ``orientation`` of those windows;
+    - ``rvae_follows_rotation``: each cell's angle change since its first window against the
+      known turn between the two frames (no calibration enters);
+    - ``symmetry``: the symmetry order of the species holding most windows (rods: 2),
+      ``n_species``, ``windows``.
+    """
+    import tempfile
+
+    from skimage.measure import regionprops
+
+    movie, labels, phis = rotated_movie(image, masks, frames)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = encode_as_user(movie, Path(tmp), epochs=epochs)
+        patches = run["patches"]
+        frame = patches["frame"].values.astype(int)
+        x, y = patches["x"].values, patches["y"].values
+        moments = patches["orientation"].values.astype(np.float64)
+    angle = run["angle"]
+    reference = {}
+    for k in range(frames):
+        ref = mask_reference(labels[k])
+        for p, (theta, body) in zip(regionprops(labels[k]), ref[["orientation", "body"]].to_numpy()):
+            if body:
+                reference[(k, p.label)] = float(theta)
+    h, w = labels.shape[1:]
+    row, col = np.clip(np.round(y).astype(int), 0, h - 1), np.clip(np.round(x).astype(int), 0, w - 1)
+    cell = labels[frame, row, col]
+    truth = np.array([reference.get((k, c), np.nan) for k, c in zip(frame, cell)])
+
+    def agreement(a: np.ndarray, b: np.ndarray) -> float:
+        ok = np.isfinite(a) & np.isfinite(b)
+        return float(np.mean(np.cos(2 * (a[ok] - b[ok])))) if ok.any() else float("nan")
+
+    first: dict[int, int] = {}
+    turns = []
+    for i in np.argsort(frame, kind="stable"):
+        if not (np.isfinite(truth[i]) and np.isfinite(angle[i])):
+            continue
+        j = first.setdefault(int(cell[i]), int(i))
+        if j != i:
+            turns.append(angle[i] - angle[j] - (phis[frame[i]] - phis[frame[j]]))
+    table = json.loads(run["latents"].attrs["species"])
+    main_species = int(np.bincount(run["species"][run["species"] >= 0]).argmax())
+    return {"rvae_vs_mask": agreement(angle, truth), "moments_vs_mask": agreement(moments, truth),
+            "rvae_follows_rotation": float(np.mean(np.cos(2 * np.asarray(turns)))) if turns else float("nan"),
+            "symmetry": float(table[main_species]["symmetry"]), "n_species": float(len(table)),
+            "windows": float(len(angle)), "matched": float(np.isfinite(truth).sum()), "window_size": float(run["size"])}
+
+
 def _grey(path: Path) -> np.ndarray:
     import imageio.v3 as iio
 
@@ -148,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-spheres", action="store_true", help="omnipose_rods only")
+    parser.add_argument("--rotated-epochs", type=int, default=3,
+                        help="rVAE epochs of the rotated-colony run (0 = skip it)")
     args = parser.parse_args(argv)
     out: dict[str, float] = {}
 
@@ -166,6 +322,14 @@ def main(argv: list[str] | None = None) -> int:
                 report(f"omnipose_{tif.stem}_{key}", s[key])
             print(f"  {s['tp']} matched, {s['fp']} extra, {s['fn']} missed; orientation over {s['pairs']} pairs")
         report("omnipose_pooled_f1", 2 * tp / max(2 * tp + fp + fn, 1))
+        if args.rotated_epochs > 0:
+            name = "ec_5I_t141xy5c1"
+            r = score_rotated(tifffile.imread(RODS / f"{name}.tif").astype(np.float64),
+                              tifffile.imread(RODS / "masks" / f"{name}_cp_masks.tif"), epochs=args.rotated_epochs)
+            for key in ("rvae_vs_mask", "moments_vs_mask", "rvae_follows_rotation", "symmetry", "n_species"):
+                report(f"omnipose_rotated_{key}", r[key])
+            print(f"  {r['windows']:.0f} windows ({r['matched']:.0f} on a cell body), window {r['window_size']:.0f} px, "
+                  f"{args.rotated_epochs} epochs")
     if not args.skip_spheres:
         from rvae_tools.segment.metrics import detection_scores
 

@@ -62,7 +62,7 @@ FALLBACKS: dict[str, dict[str, Any]] = {
         "classical.background": None, "classical.block": None, "classical.width": None, "locate.diameter": 9,
     },
     "track": {"search_range": 5.0},
-    "windows": {"size": 32},
+    "windows": {"size": 32, "polarity": "both"},
 }
 
 
@@ -378,7 +378,7 @@ def inspect_frames(frames: dict[int, np.ndarray]) -> tuple[dict[str, Any], dict[
             "locate.diameter": diameter + (2 if diameter < length else 0),
         },
         "track": {"search_range": round(search, 2)},
-        "windows": {"size": int(size)},
+        "windows": {"size": int(size), "polarity": "dark" if dark else "bright"},
     }
     inspection = {
         "frame_shape": [int(h), int(w)], "frames_sampled": [int(i) for i in order],

@@ -33,6 +33,16 @@ along the detection's ``orientation``; the weight is 1 inside and falls off as a
 of the sampled window pixels (the background of all but the densest movies), recorded as
 ``mask_fill``; the semi-axes of every window are stored as ``aperture_a``/``aperture_b``.
 
+**Only the particle's own contrast.** Phase-contrast cells are dark with a bright halo, and
+the bright gaps between touching cells are the strongest features of a dense colony's windows;
+an rVAE lines its template up with them (their layout, not the cell's axis), so on a real
+colony its angles agreed with the cells' moment axes at only 0.63 (``|mean exp 2i delta|``).
+With ``polarity`` dark (bright) every window's pixels brighter (darker) than the background
+level, the median of the sampled window pixels (attr ``background_level``, normalised), are set
+to it before the aperture, and the percentiles are taken after it (:func:`particle_side`):
+0.93 on the same windows. ``auto`` is the inspected polarity of a user movie (the one the
+detector runs at; ``both``, nothing cut, for a simulated movie).
+
 **Edges.** With ``edge: pad`` (the default) a detection near the frame edge keeps its window,
 the missing pixels set to the background level (the low percentile, or ``mask_fill`` with the
 aperture); the share of each window's pixels that lies
@@ -230,6 +240,20 @@ def aperture_weights(size: int, dx: np.ndarray, dy: np.ndarray, a: np.ndarray, b
     return np.exp(-0.5 * (outside / softness) ** 2).astype(np.float32)
 
 
+def particle_side(pixels: np.ndarray, level: float, polarity: str) -> np.ndarray:
+    """Pixels on the far side of the background ``level`` set to it: only the particles' own contrast is left.
+
+    ``polarity`` dark keeps what is darker than ``level`` (bright halos and the bright gaps
+    between phase-contrast cells go), bright keeps what is brighter (dark rings of bright-field
+    spheres go), both keeps everything.
+    """
+    if polarity == "dark":
+        return np.minimum(pixels, np.asarray(level, dtype=pixels.dtype))
+    if polarity == "bright":
+        return np.maximum(pixels, np.asarray(level, dtype=pixels.dtype))
+    return pixels
+
+
 def normalise(windows: np.ndarray, low: float, high: float, clip: bool) -> np.ndarray:
     """Map intensities ``low -> 0`` and ``high -> 1`` (float32), clipped to [0, 1] when ``clip``."""
     out = (np.asarray(windows, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
@@ -334,9 +358,13 @@ def _frame_blocks(pos: np.ndarray, frame_bytes: int) -> Iterator[tuple[int, int,
 
 def _sample_levels(
     source: xr.DataArray, pos: np.ndarray, x: np.ndarray, y: np.ndarray, size: int, order: int,
-    percentiles: tuple[float, float], where: str,
+    percentiles: tuple[float, float], where: str, polarity: str = "both",
 ) -> tuple[float, float, float]:
-    """Low and high percentile and the median of the pixels of a sample of (unpadded, in-frame) windows."""
+    """Low and high percentile and the median of the pixels of a sample of (unpadded, in-frame) windows.
+
+    With ``polarity`` bright or dark the percentiles are those of the pixels after
+    :func:`particle_side` at the median, so that the particle's own contrast spans 0..1.
+    """
     used = np.unique(pos)
     frames = used[np.unique(np.linspace(0, used.size - 1, min(SAMPLE_FRAMES, used.size)).round().astype(int))]
     per_frame = max(1, SAMPLE_WINDOWS // frames.size)
@@ -350,7 +378,10 @@ def _sample_levels(
     values = values[np.isfinite(values)]
     if values.size == 0:
         raise InputError(f"{where}: all windows are NaN (no finite pixel values at the tracked positions)")
-    low, median, high = np.percentile(values.astype(np.float64), [percentiles[0], 50.0, percentiles[1]])
+    values = values.astype(np.float64)
+    median = float(np.median(values))
+    values = particle_side(values, median, polarity)
+    low, high = np.percentile(values, [percentiles[0], percentiles[1]])
     if not high > low:
         raise InputError(
             f"{where}: all windows are constant (every sampled pixel is {float(low):.6g}); "
@@ -443,8 +474,10 @@ def make_windows(
     x_all, y_all = tracks["x"].to_numpy(), tracks["y"].to_numpy()
     inside_kept = inside_frame(x_all, y_all, size, (height, width))
     sample_rows = np.flatnonzero(inside_kept) if inside_kept.any() else np.arange(len(tracks))
+    polarity = settings.get("polarity", "both")
     low, high, median = _sample_levels(
         source, pos[sample_rows], x_all[sample_rows], y_all[sample_rows], size, order, (p_low, p_high), str(where),
+        polarity,
     )
     # Pad with the background level (the low percentile), which normalisation maps to 0.
     pad_value = low
@@ -466,6 +499,9 @@ def make_windows(
         # The median is the background whether particles are bright or dark; the low
         # percentile would pad a dark-on-bright movie with particle-coloured pixels.
         pad_value = fill
+    if polarity != "both":
+        # The background, not a particle-coloured low percentile, fills what lies past the edge.
+        pad_value = median
     frac_all = padded_fraction(x_all, y_all, size, (height, width))
 
     carried = [c for c in CARRIED_COLUMNS if c in tracks.columns]
@@ -486,6 +522,8 @@ def make_windows(
         "norm_high": norm_high,
         "clip": bool(settings["clip"]),
         "pad_value": float(normalise(np.array([pad_value]), norm_low, norm_high, bool(settings["clip"]))[0]),
+        "polarity": polarity,
+        "background_level": float(normalise(np.array([median]), norm_low, norm_high, bool(settings["clip"]))[0]),
         "mask": mask,
         "mask_margin": float(settings.get("mask_margin", 2.0)),
         "mask_softness": APERTURE_SOFTNESS if mask == "aperture" else 0.0,
@@ -543,6 +581,7 @@ def make_windows(
                         wins, r = wins[finite], r[finite]
                     if r.size == 0:
                         continue
+                    wins = particle_side(wins, median, polarity)
                     if axes is not None:
                         weight = aperture_weights(size, np.zeros(r.size), np.zeros(r.size),
                                                   axes[0][r], axes[1][r], axes[2][r])

@@ -366,3 +366,55 @@ def test_aperture_windows_of_a_real_colony_follow_their_own_cell(tmp_path, share
         elongated = ds.eccentricity.values >= 0.8
         scores[mask] = abs(np.mean(np.exp(2j * (axes - ref))[elongated]))
     assert scores["aperture"] >= 0.9 and scores["aperture"] > scores["none"] + 0.3, scores
+
+
+def test_polarity_cuts_the_halo_and_keeps_the_particle(tmp_path):
+    """A dark rod at 30 deg on a grey background with a bright blob (a neighbour's gap) beside it.
+
+    With ``polarity: dark`` the window's axis is the rod's (the blob, brighter than the
+    background, is set to it); with ``both`` the bright blob pulls the contrast's axis away.
+    """
+    size, hh, ww = 32, 64, 64
+    yy, xx = np.mgrid[0:hh, 0:ww]
+    own = np.radians(30)
+    u = (xx - 32) * np.cos(own) + (yy - 32) * np.sin(own)
+    v = -(xx - 32) * np.sin(own) + (yy - 32) * np.cos(own)
+    rod = np.exp(-(u / 7.0) ** 4 - (v / 2.5) ** 4)
+    gap = blob((hh, ww), 32 + 7 * np.cos(own + 1.2), 32 + 7 * np.sin(own + 1.2), sigma=2.5)
+    rng = np.random.default_rng(0)
+    frame = 0.5 - 0.4 * rod + 0.45 * gap + rng.normal(0, 0.005, (hh, ww))
+    write_movie(tmp_path / "movie.zarr", [frame])
+    write_table(pd.DataFrame({"frame": [0], "x": [32.0], "y": [32.0], "particle": [0]}), tmp_path / "tracks.parquet")
+    axes = {}
+    for polarity in ("dark", "both"):
+        make_windows(tmp_path / "movie.zarr", tmp_path / "tracks.parquet", tmp_path / f"{polarity}.zarr",
+                     settings(size=size, polarity=polarity), progress=False)
+        ds = open_zarr(tmp_path / f"{polarity}.zarr")
+        win = ds.window.values[0].astype(np.float64)
+        assert ds.attrs["polarity"] == polarity
+        level = ds.attrs["background_level"]
+        contrast = np.abs(win - level)  # both sides of the background, as the rVAE's squared error sees them
+        yy2, xx2 = np.mgrid[0:size, 0:size]
+        c = (xx2 - xx2.mean()) + 1j * (yy2 - yy2.mean())
+        axes[polarity] = float(np.angle((contrast * c ** 2).sum()) / 2)
+        if polarity == "dark":
+            assert win.max() <= level + 1e-6  # nothing brighter than the background is left
+            assert win.min() == pytest.approx(0.0, abs=0.02)  # the rod keeps its full contrast
+
+    def off(a):
+        return abs(np.degrees(np.angle(np.exp(2j * (a - own))) / 2))
+
+    assert off(axes["dark"]) < 5, np.degrees(axes["dark"])
+    assert off(axes["both"]) > 10, np.degrees(axes["both"])
+
+
+def test_inspected_polarity_reaches_the_windows():
+    from rvae_tools.inspect import resolve_settings
+
+    for polarity in ("dark", "bright"):
+        resolved, notes = resolve_settings("windows", validate_section("windows", {}),
+                                           {"suggested": {"windows": {"size": 24, "polarity": polarity}}})
+        assert resolved["polarity"] == polarity and any("windows.polarity" in n for n in notes)
+    assert resolve_settings("windows", validate_section("windows", {}))[0]["polarity"] == "both"  # simulated movie
+    assert resolve_settings("windows", validate_section("windows", {"polarity": "both"}),
+                            {"suggested": {"windows": {"polarity": "dark"}}})[0]["polarity"] == "both"  # set wins
