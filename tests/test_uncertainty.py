@@ -208,7 +208,7 @@ def test_error_calibration_covers_heavy_tailed_errors_and_unseen_flips():
     rng = np.random.default_rng(6)
     err, enc = draw(rng, 1500)
     cal = fit_error_calibration(err, enc, order=1)
-    assert cal["shift"]["dof"] < 10 and cal["flip"]["flip_rate"] == pytest.approx(0.08, abs=0.02)
+    assert cal["dx"]["dof"] < 10 and cal["dy"]["dof"] < 10 and cal["flip"]["flip_rate"] == pytest.approx(0.08, abs=0.02)
     # A normal (the self-consistency form) misses one of the two levels by more than 5 points here.
     normal = _fit_variance(np.concatenate([err["dx"], err["dy"]]), np.concatenate([enc["dx_sd"], enc["dy_sd"]]) ** 2,
                            copies=1)
@@ -218,5 +218,5 @@ def test_error_calibration_covers_heavy_tailed_errors_and_unseen_flips():
     assert np.mean(out["flip_prob"]) == pytest.approx(0.08, abs=0.02)
     for level in (0.68, 0.95):
         assert abs(angle_inside(err["angle"], out["angle_sd"], out["flip_prob"], level, out["angle_dof"]).mean() - level) < 0.03
-        k = interval_factor(level, out["shift_dof"])
+        k = interval_factor(level, out["dx_dof"])
         assert abs(np.mean(np.abs(err["dx"]) <= k * out["dx_sd"]) - level) < 0.03

@@ -301,7 +301,7 @@ def fit_error_calibration(errors: dict[str, np.ndarray], encoded: dict[str, np.n
 
     Unlike :func:`fit_calibration` (self-consistency, no truth), this sees every error,
     including those a window and its rotated copy share (a template that fits the particle a
-    little turned or off-centre). Per quantity a quantile map ``(scale, floor, dof)`` is fitted
+    little turned or off-centre). Per quantity (angle, dx, dy) a quantile map ``(scale, floor, dof)`` is fitted
     (:func:`_fit_variance` with ``tails``, ``copies`` = 1) so that the intervals of the
     calibrated spreads hold 68 % and 95 % of the errors; for a species whose ends differ
     (odd ``order``) ``flip_prob`` is first Platt-scaled to the observed flips
@@ -321,8 +321,10 @@ def fit_error_calibration(errors: dict[str, np.ndarray], encoded: dict[str, np.n
     Returns
     -------
     dict
-        In the layout of :func:`fit_calibration` (``angle``, ``shift``, optional ``flip``),
-        with ``dof`` in ``angle`` and ``shift`` and ``method`` naming the fit.
+        In the layout of :func:`fit_calibration` (``angle``, optional ``flip``), with ``dx``
+        and ``dy`` each their own map in place of the shared ``shift``, ``dof`` in each,
+        and ``method`` naming the fit. :func:`apply_calibration` then also writes
+        ``angle_dof``, ``dx_dof``, ``dy_dof``.
     """
     n = max(int(order), 1)
     period = 2 * math.pi / n
@@ -337,9 +339,9 @@ def fit_error_calibration(errors: dict[str, np.ndarray], encoded: dict[str, np.n
         out["angle"] = _fit_angle_branches(err, sd, flip)
     else:
         out["angle"] = _fit_variance(err, sd ** 2, tails=True, copies=1)
-    shift_err = np.concatenate([np.asarray(errors["dx"], float), np.asarray(errors["dy"], float)])
-    shift_var = np.concatenate([np.asarray(encoded["dx_sd"], float), np.asarray(encoded["dy_sd"], float)]) ** 2
-    out["shift"] = _fit_variance(shift_err, shift_var, tails=True, copies=1)
+    # Each axis its own map: a scanning microscope's line artefacts move rows, not columns.
+    for axis in ("dx", "dy"):
+        out[axis] = _fit_variance(errors[axis], np.asarray(encoded[f"{axis}_sd"], float) ** 2, tails=True, copies=1)
     return out
 
 
@@ -378,15 +380,15 @@ def apply_calibration(out: dict[str, np.ndarray], calibration: dict[str, Any] | 
         raw = np.asarray(raw, dtype=np.float64)
         return np.sqrt((p["scale"] * raw) ** 2 + p["floor"] ** 2).astype(np.float32)
 
-    for names, key in ((("angle_sd",), "angle"), (("dx_sd", "dy_sd"), "shift")):
-        if key not in calibration:
+    for quantity, keys in (("angle", ("angle",)), ("dx", ("dx", "shift")), ("dy", ("dy", "shift"))):
+        # A map of its own (dx, dy of fit_error_calibration) or the shared one (shift).
+        p = next((calibration[k] for k in keys if k in calibration), None)
+        if p is None or f"{quantity}_sd" not in out:
             continue
-        for name in names:
-            if name in out:
-                out[name] = scaled(out[name], calibration[key])
-        if "dof" in calibration[key] and names[0] in out:
-            # The spreads are the scales of a Student t: intervals are +/- interval_factor(c, dof) * sd.
-            out[f"{key}_dof"] = np.full(np.shape(out[names[0]]), calibration[key]["dof"], dtype=np.float32)
+        out[f"{quantity}_sd"] = scaled(out[f"{quantity}_sd"], p)
+        if "dof" in p:
+            # The spread is the scale of a Student t: intervals are +/- interval_factor(c, dof) * sd.
+            out[f"{quantity}_dof"] = np.full(np.shape(out[f"{quantity}_sd"]), p["dof"], dtype=np.float32)
     if "z" in calibration and "z_sd" in out:
         z_sd = np.array(out["z_sd"], dtype=np.float32, copy=True)
         for j, p in enumerate(calibration["z"]):
