@@ -295,7 +295,7 @@ def encode_patches(
         "n_windows": n_obs,
         "model_path": str(model_path),
         "model_config": json.dumps(model_config, sort_keys=True, default=str),
-        "encode_method": method or model_config.get("encode_method", "fast"),
+        "encode_method": method or model_config.get("encode_method", "exact"),
         "uncertainty": ("angle_sd, dx_sd, dy_sd: the model's spread (rotation posterior within the angle's "
                         "half-circle plus the likelihood's curvature at the encoded pose, counting the residual's "
                         "spatial correlation) calibrated as "

@@ -355,7 +355,7 @@ class RVAE:
             curvature); ``z``, ``z_sd`` (n, k) (the encoder's posterior);
             ``background``: the level added to the decoding (``background: median``).
         """
-        method = method or self.settings.get("encode_method", "fast")
+        method = method or self.settings.get("encode_method", "exact")
         if method not in ENCODE_METHODS:
             raise InputError(f"encode method {method!r} is unknown; expected one of {', '.join(ENCODE_METHODS)}")
         batch_size = int(batch_size or self.settings["encode_batch_size"])
