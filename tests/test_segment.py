@@ -478,3 +478,21 @@ def test_classical_detector_keeps_a_textured_curved_cell_whole():
     arc = (np.abs(np.hypot(xx - 64, yy - 90) - 50) <= 4.5) & (yy < 70)
     counts = [len(_count_cells(_phase_contrast([arc], shape, seed=s, texture=0.2), 9.0)) for s in range(5)]
     assert counts == [1] * 5
+
+
+def test_refine_markers_takes_finer_cores_and_keeps_coarse_ones_they_miss():
+    """A coarse core the narrow look cuts in two becomes two markers; a coarse core with no
+    narrow core inside (its narrow cores fell under their area limit) is kept whole."""
+    from rvae_tools.segment.classical import refine_markers
+
+    coarse = np.zeros((10, 30), np.int64)
+    coarse[2:8, 2:14] = 1
+    coarse[2:8, 18:26] = 2
+    fine = np.zeros_like(coarse)
+    fine[2:8, 2:7] = 1
+    fine[2:8, 9:14] = 2
+    out = refine_markers(coarse, fine)
+    assert len(np.unique(out[2:8, 2:14][out[2:8, 2:14] > 0])) == 2
+    assert (out[2:8, 18:26] > 0).all() and len(np.unique(out[2:8, 18:26])) == 1
+    assert out[2:8, 18:26][0, 0] not in (1, 2)
+    assert (out[coarse == 0] == 0).all()
