@@ -258,7 +258,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=15, help="training epochs (default 15, the config default)")
     parser.add_argument("--calibration-windows", type=int, default=512,
                         help="training windows the self-consistency calibration is fitted on (default 512, the config default)")
-    parser.add_argument("--methods", default="fast", help="encode methods, comma-separated (default fast; also exact)")
+    parser.add_argument("--methods", default=None,
+                        help="encode methods, comma-separated (default: the config's encode_method; also fast, exact)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -300,7 +301,10 @@ def main(argv=None) -> int:
     cal2_idx = {k: np.sort(rng.choice(rows, size=min(args.calibration_windows, len(rows)), replace=False))
                 for k in range(len(names)) if len(rows := cal2[second["cls"][cal2] == k])}
     pair_idx = score2[rng.permutation(len(score2))[:256]]
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    from rvae_tools.config import validate_section
+
+    methods = args.methods or validate_section("rvae", {})["encode_method"]
+    for method in [m.strip() for m in methods.split(",") if m.strip()]:
         def encode(w, method=method):
             return model.encode(w, device="cpu", method=method)
 
