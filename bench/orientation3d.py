@@ -16,7 +16,7 @@ is off it mean the tilt error comes from the axis, not from the poses.
 
 Flat particles (``--flat``, per body): windows of the body lying flat (turned about the viewing
 axis only, uniform angle; same size, shifts and SNR), on which rvae3d (uniform prior over SO(3),
-as above) and our 2D rVAE (its defaults, the same epochs) each train and encode: the in-plane
+as above) and our 2D rVAE (its defaults, its own epochs unless ``--rvae2d-epochs``) each train and encode: the in-plane
 angle consistency of both, ``|mean exp(i n (true - s encoded))|`` maximised over ``s = +1/-1``
 (n = the body's symmetry order flat: 1 for the asymmetric body, 2 for the rod; as
 bench/rvae.py), and rvae3d's loss to the 2D rVAE (target: at most 0.02).
@@ -76,10 +76,11 @@ def rvae3d_model(sd: float, args) -> RVAE3D:
 
 
 def rvae2d_angles(x: np.ndarray, m: int, args) -> np.ndarray:
-    """In-plane angles (rad) of the first ``m`` windows from our 2D rVAE trained on all of ``x`` (its defaults, same epochs)."""
+    """In-plane angles (rad) of the first ``m`` windows from our 2D rVAE trained on all of ``x`` (its defaults; epochs as --rvae2d-epochs gives)."""
     from rvae_tools.rvae import RVAE
 
-    model = RVAE(x.shape[1], seed=args.seed, epochs=args.epochs, batch_size=64, max_windows=None)
+    epochs = {} if args.rvae2d_epochs is None else {"epochs": args.rvae2d_epochs}
+    model = RVAE(x.shape[1], seed=args.seed, batch_size=64, max_windows=None, **epochs)
     model.fit(x, device="cpu", progress=False)
     return model.encode(x[:m], device="cpu")["angle"]
 
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--no-rod", action="store_true", help="skip the rod at poses over SO(3)")
     ap.add_argument("--flat", nargs="*", default=["asymmetric", "rod"], choices=sorted(FLAT_SYMMETRY),
                     help="bodies of the flat-particle comparison with the 2D rVAE (none: skip it)")
+    ap.add_argument("--rvae2d-epochs", type=int, default=None,
+                    help="epochs of the 2D rVAE in the flat comparison (default: its own default, rvae.epochs)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
