@@ -6,26 +6,8 @@ CLASS_FIGURES = ("class_templates", "class_manifold", "class_fractions")
 CLASS_MOVIES = class_movies(config)
 
 
-def _labels_table(movie):
-    """The movie's labels file when it is a table (a folder of labelled images holds no windows of the movie)."""
-    labels = config["movies"][movie].get("labels")
-    return labels if labels and not os.path.isdir(labels) else None
-
-
 #: Class movies with a reference class per window: a labels table, else the simulator's truth.
 REFERENCE_MOVIES = [m for m in CLASS_MOVIES if _labels_table(m) or m in SIMULATED]
-
-
-def class_reference(wildcards):
-    """The file the confusion matrix takes its reference classes from: the labels table, else truth.parquet."""
-    return _labels_table(wildcards.movie) or f"{RESULTS}/{wildcards.movie}/truth.parquet"
-
-
-def class_reference_arg(wildcards):
-    """--labels PATH or --truth PATH (quoted for the shell)."""
-    labels = _labels_table(wildcards.movie)
-    flag, path = ("--labels", labels) if labels else ("--truth", class_reference(wildcards))
-    return f"{flag} {shlex.quote(path)}"
 
 
 rule classify:

@@ -258,3 +258,21 @@ def rvae_train_label_args(wildcards):
     for name in _labelled_movies(wildcards):
         args += ["--movie-labels", name, config["movies"][name]["labels"]]
     return " ".join(shlex.quote(a) for a in args)
+
+
+def _labels_table(movie):
+    """The movie's labels file when it is a table (a folder of labelled images holds no windows of the movie)."""
+    labels = config["movies"][movie].get("labels")
+    return labels if labels and not os.path.isdir(labels) else None
+
+
+def class_reference(wildcards):
+    """The file the confusion matrix takes its reference classes from: the labels table, else truth.parquet."""
+    return _labels_table(wildcards.movie) or f"{RESULTS}/{wildcards.movie}/truth.parquet"
+
+
+def class_reference_arg(wildcards):
+    """--labels PATH or --truth PATH (quoted for the shell)."""
+    labels = _labels_table(wildcards.movie)
+    flag, path = ("--labels", labels) if labels else ("--truth", class_reference(wildcards))
+    return f"{flag} {shlex.quote(path)}"
