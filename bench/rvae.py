@@ -16,7 +16,9 @@ and its gap in angle consistency to exact are printed.
 Printed per model: angle consistency per species, |mean exp(i n (true - s encoded))| maximised
 over s = +1/-1 (n = the species' symmetry order; 1 = exact up to one constant offset);
 correlation of encoded and true shifts; clustering accuracy of z against species (k-means on
-the standardised z, best one-to-one assignment); training and encoding windows per second;
+the standardised z, best one-to-one assignment); training and encoding windows per second
+(encoding: the shortest of --encode-repeats runs, default 3, since one run of the peers is
+under a second and a shared machine's load moves it by up to 4x);
 then our speed-ups over each peer. The last line is one JSON object with every figure.
 
 The peers are installed on first use into ``<repo>/.peers`` (``pip install --no-deps`` plus
@@ -149,6 +151,22 @@ def score(data, angle, dx, dy, z, free_convention: bool) -> dict[str, float]:
 # --------------------------------------------------------------------------- models
 
 
+def best_of(encode, repeats: int):
+    """``encode()``'s result and its shortest wall time (s) over ``repeats`` calls.
+
+    An encoding of a few thousand windows takes well under a second for the peers, so one load
+    spike of a shared machine can halve or double a single timing; the shortest of several is
+    what the code itself costs.
+    """
+    result, best = None, math.inf
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = encode()
+        best = min(best, time.perf_counter() - t0)
+        result = out if result is None else result
+    return result, best
+
+
 def run_ours(data, train_idx, args) -> dict:
     from rvae_tools.rvae import RVAE
 
@@ -159,8 +177,7 @@ def run_ours(data, train_idx, args) -> dict:
     train_s = time.perf_counter() - t0
     timed = {}
     for method in ("exact", "fast", "encoder"):
-        t0 = time.perf_counter()
-        timed[method] = (model.encode(x, device="cpu", method=method), time.perf_counter() - t0)
+        timed[method] = best_of(lambda m=method: model.encode(x, device="cpu", method=m), args.encode_repeats)
     exact, exact_s = timed["exact"]
     ref = score(data, exact["angle"], exact["dx"], exact["dy"], exact["z"], free_convention=False)
     enc, encode_s = timed["encoder"]
@@ -198,9 +215,7 @@ def run_pyroved(data, train_idx, args) -> dict:
     for _ in range(args.epochs):
         trainer.step(loader)
     train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    z_mean, _ = model.encode(xt, batch_size=256)
-    encode_s = time.perf_counter() - t0
+    (z_mean, _), encode_s = best_of(lambda: model.encode(xt, batch_size=256), args.encode_repeats)
     z_mean = z_mean.numpy()
     res = score(data, z_mean[:, 0], z_mean[:, 1], z_mean[:, 2], z_mean[:, 3:], free_convention=True)
     res.update(epochs_run=args.epochs, train_seconds=train_s,
@@ -222,9 +237,7 @@ def run_atomai(data, train_idx, args) -> dict:
                   optimizer=lambda p: torch.optim.Adam(p, lr=args.lr), rotation_prior=np.pi / 3,
                   filename=os.path.join(tmp, "atomai_model"))
         train_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    z_mean, _ = model.encode(x)
-    encode_s = time.perf_counter() - t0
+    (z_mean, _), encode_s = best_of(lambda: model.encode(x), args.encode_repeats)
     z_mean = np.asarray(z_mean)
     res = score(data, z_mean[:, 0], z_mean[:, 1], z_mean[:, 2], z_mean[:, 3:], free_convention=True)
     res.update(epochs_run=args.epochs, train_seconds=train_s,
@@ -254,6 +267,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every model (default: torch's choice, one per core); "
                              "1 gives steadier timings on a machine shared with other jobs")
+    parser.add_argument("--encode-repeats", type=int, default=3,
+                        help="encode every model this many times and report the shortest (default 3)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer implementations")
     args = parser.parse_args(argv)
 
@@ -326,7 +341,8 @@ def main(argv=None) -> int:
         print("--- targets: " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in targets.items()))
     summary = {
         "n_windows": len(x), "window": int(x.shape[1]), "epochs": args.epochs, "batch_size": args.batch_size,
-        "latent": args.latent, "seed": args.seed, "threads": torch.get_num_threads(), "load_average_start": load,
+        "latent": args.latent, "seed": args.seed, "threads": torch.get_num_threads(), "encode_repeats": args.encode_repeats,
+        "load_average_start": load,
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "results": results, "speedups": ratios, "targets": targets,
         "wall_seconds": time.perf_counter() - t0,
