@@ -53,8 +53,12 @@ ANGLES = np.array([0.0, 0.35, -0.6, 1.1, 1.9, -1.4])  # rad, from +x towards +y
 SHIFTS = np.array([[0, 0], [3.2, -1.7], [-4.5, 2.1], [1.3, 5.0], [-2.2, -3.4], [4.1, 0.6]])  # px (x, y)
 
 
-def transform(img: np.ndarray, phi: float, shift: np.ndarray, order: int) -> np.ndarray:
-    """``img`` turned by ``phi`` about its centre (from +x towards +y) and moved by ``shift`` (x, y) px."""
+def transform(img: np.ndarray, phi: float, shift: np.ndarray, order: int, fill: float | None = None) -> np.ndarray:
+    """``img`` turned by ``phi`` about its centre (from +x towards +y) and moved by ``shift`` (x, y) px.
+
+    ``order`` 1 (linear) for an image, 0 for a label mask. Pixels from outside the frame get
+    ``fill``; without it, an image repeats its edge and a mask gets 0.
+    """
     h, w = img.shape
     cy, cx = (h - 1) / 2, (w - 1) / 2
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
@@ -62,7 +66,9 @@ def transform(img: np.ndarray, phi: float, shift: np.ndarray, order: int) -> np.
     # output pixel p samples the input at R(-phi) p
     sx = np.cos(phi) * px + np.sin(phi) * py + cx
     sy = -np.sin(phi) * px + np.cos(phi) * py + cy
-    return ndimage.map_coordinates(img, [sy, sx], order=order, mode="nearest" if order else "constant", cval=0)
+    if fill is None:
+        return ndimage.map_coordinates(img, [sy, sx], order=order, mode="nearest" if order else "constant", cval=0)
+    return ndimage.map_coordinates(img, [sy, sx], order=order, mode="constant", cval=fill)
 
 
 def regions(mask: np.ndarray, frame: int) -> pd.DataFrame:

@@ -226,6 +226,19 @@ def truth_order(truth: pd.DataFrame, symmetry: np.ndarray, m_of_n) -> np.ndarray
     return per.to_numpy()
 
 
+def coverage_run(label: str, key: str, run_one, n: int) -> dict[str, float]:
+    """Coverage of ``n`` movies, ``run_one(k)`` giving each one's :func:`outcome`; printed as one line.
+
+    Returns the figures keyed ``{key}_{figure}`` for the JSON summary.
+    """
+    t0 = time.perf_counter()
+    cov = coverage([run_one(k) for k in range(n)])
+    print(f"coverage, {label}: {cov['coverage']:.3f} of {cov['n']} movies inside the 95% interval; detected "
+          f"{cov['detected']:.3f}; mean |error| {cov['mean_abs_error']:.2f} frames, mean width "
+          f"{cov['mean_width']:.2f} frames ({time.perf_counter() - t0:.0f} s)")
+    return {f"{key}_{k}": round(v, 4) for k, v in cov.items()}
+
+
 def simulated_movie(overrides: dict, seed: int, angle_noise: float, rng: np.random.Generator, errors: str = "normal"):
     sim_settings = validate_section("simulate", overrides)
     sim_settings["seed"] = seed
@@ -349,44 +362,25 @@ def main() -> None:
         print(f"static sample (5 seeds, defaults): transition detected in {sum(static_detected)} of 5")
         result["static_transitions_detected"] = int(sum(static_detected))
 
-    t0 = time.perf_counter()
-    rows = []
-    for k in range(args.coverage_switching):
+    def switching(k):
         latents, t_c = switching_movie(2000 + k, angle_noise=2 * args.angle_noise)
-        rows.append(outcome(compute_dynamics(latents, None, dict(defaults, seed=k)).attrs, t_c))
-    cov = coverage(rows)
-    print(f"coverage, switching movies (other physics, defaults: logistic S_n, trajectories + angles resampled): "
-          f"{cov['coverage']:.3f} of {cov['n']} movies inside the 95% interval; detected {cov['detected']:.3f}; "
-          f"mean |error| {cov['mean_abs_error']:.2f} frames, mean width {cov['mean_width']:.2f} frames "
-          f"({time.perf_counter() - t0:.0f} s)")
-    result.update({f"switching_{k}": round(v, 4) for k, v in cov.items()})
+        return outcome(compute_dynamics(latents, None, dict(defaults, seed=k)).attrs, t_c)
 
-    t0 = time.perf_counter()
-    rows = []
-    for k in range(args.coverage_demo):
-        sim, latents, tracks = simulated_movie({}, 3000 + k, args.angle_noise, rng)
+    def demo_physics(k, seed0=3000, **kw):
+        sim, latents, tracks = simulated_movie({}, seed0 + k, args.angle_noise, rng, **kw)
         a = compute_dynamics(latents, tracks, demo_settings(sim.metadata, k)).attrs
-        rows.append(outcome(a, float(sim.metadata["transition_frame"])))
-    cov = coverage(rows)
-    print(f"coverage, simulator demo physics (demo settings: saturating, S_n/S_6): {cov['coverage']:.3f} of "
-          f"{cov['n']} movies inside the 95% interval; detected {cov['detected']:.3f}; mean |error| "
-          f"{cov['mean_abs_error']:.2f} frames, mean width {cov['mean_width']:.2f} frames "
-          f"({time.perf_counter() - t0:.0f} s)")
-    result.update({f"demo_coverage_{k}": round(v, 4) for k, v in cov.items()})
+        return outcome(a, float(sim.metadata["transition_frame"]))
 
-    t0 = time.perf_counter()
-    rows = []
-    for k in range(args.coverage_encoder):
-        sim, latents, tracks = simulated_movie({}, 4000 + k, args.angle_noise, rng, errors="encoder")
-        a = compute_dynamics(latents, tracks, demo_settings(sim.metadata, k)).attrs
-        rows.append(outcome(a, float(sim.metadata["transition_frame"])))
-    cov = coverage(rows)
-    print(f"coverage, simulator demo physics with encoder-like angle errors ({LARGE_ERRORS:.0%} of them "
-          f"{LARGE_FACTOR:g}x larger, {WRONG_END:.0%} of the polar species on the wrong end; demo settings): "
-          f"{cov['coverage']:.3f} of {cov['n']} movies inside the 95% interval; detected {cov['detected']:.3f}; "
-          f"mean |error| {cov['mean_abs_error']:.2f} frames, mean width {cov['mean_width']:.2f} frames "
-          f"({time.perf_counter() - t0:.0f} s)")
-    result.update({f"encoder_errors_coverage_{k}": round(v, 4) for k, v in cov.items()})
+    result.update(coverage_run(
+        "switching movies (other physics, defaults: logistic S_n, trajectories + angles resampled)",
+        "switching", switching, args.coverage_switching))
+    result.update(coverage_run(
+        "simulator demo physics (demo settings: saturating, S_n/S_6)",
+        "demo_coverage", demo_physics, args.coverage_demo))
+    result.update(coverage_run(
+        f"simulator demo physics with encoder-like angle errors ({LARGE_ERRORS:.0%} of them {LARGE_FACTOR:g}x "
+        f"larger, {WRONG_END:.0%} of the polar species on the wrong end; demo settings)",
+        "encoder_errors_coverage", lambda k: demo_physics(k, seed0=4000, errors="encoder"), args.coverage_encoder))
     for n_particles in () if args.only_coverage else (1000, 4000):
         mem = memory_at(n_particles, 100)
         print(f"memory, {n_particles} trajectories x 100 frames: peak {mem['peak_mb']:.0f} MB = "

@@ -157,23 +157,6 @@ def rotated_shifts(frames: int) -> np.ndarray:
     return np.c_[np.sin(1.3 * k), np.cos(0.7 * k) - 1.0]
 
 
-def turn_and_shift(image: np.ndarray, phi: float, shift: np.ndarray, order: int, fill: float) -> np.ndarray:
-    """``image`` turned by ``phi`` (rad, from +x towards +y) about its centre, then moved by ``shift`` (x, y) px.
-
-    ``order`` 1 (linear) for the image, 0 for a label mask; pixels from outside the frame get ``fill``.
-    """
-    from scipy import ndimage
-
-    h, w = image.shape
-    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    px, py = xx - cx - shift[0], yy - cy - shift[1]
-    # output pixel p samples the input at R(-phi) p
-    sx = np.cos(phi) * px + np.sin(phi) * py + cx
-    sy = -np.sin(phi) * px + np.cos(phi) * py + cy
-    return ndimage.map_coordinates(image, [sy, sx], order=order, mode="constant", cval=fill)
-
-
 def rotated_movie(image: np.ndarray, masks: np.ndarray, frames: int = ROTATED_FRAMES,
                   step: float = ROTATED_STEP) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A short movie of one frame turned by ``step`` more each frame and shifted (:func:`rotated_shifts`).
@@ -182,12 +165,14 @@ def rotated_movie(image: np.ndarray, masks: np.ndarray, frames: int = ROTATED_FR
     known turn of every frame (rad). The background poured in at the corners is the frame
     border's median.
     """
+    from angles import transform  # bench/ is the script's folder, first on sys.path
+
     border = np.r_[image[0], image[-1], image[:, 0], image[:, -1]]
     fill = float(np.median(border))
     phis = step * np.arange(frames)
     shifts = rotated_shifts(frames)
-    movie = np.stack([turn_and_shift(image, phi, sh, 1, fill) for phi, sh in zip(phis, shifts)])
-    labels = np.stack([turn_and_shift(masks.astype(np.float64), phi, sh, 0, 0.0).astype(np.int64)
+    movie = np.stack([transform(image, phi, sh, 1, fill) for phi, sh in zip(phis, shifts)])
+    labels = np.stack([transform(masks.astype(np.float64), phi, sh, 0, 0.0).astype(np.int64)
                        for phi, sh in zip(phis, shifts)])
     return movie, labels, phis
 

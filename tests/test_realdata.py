@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _bench import load_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 RODS = ROOT.parent / "shared" / "data" / "omnipose_rods"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("realdata_bench", ROOT / "bench" / "realdata.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("realdata")
 
 
 def _ellipses(angles_deg, shape=(120, 160)):

@@ -235,13 +235,10 @@ class RVAE:
         parts = {"rec": rec_w, "centre": centre_penalty, "kl_z": kl_z, "kl_angle": kl_angle, "kl_shift": kl_t}
         return total.mean(), parts
 
-    def _responsibilities(self, x: torch.Tensor, enc: dict[str, torch.Tensor], **kw) -> torch.Tensor:
-        """Posterior over the discrete rotations given the posterior means of z and the shift."""
-        return self._all_responsibilities(x, enc, **kw)[0]
-
     def _all_responsibilities(self, x: torch.Tensor, enc: dict[str, torch.Tensor],
                               **kw) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`_responsibilities` (B, r), the rotations decoded (B, r: all) and their decodings (B, r, H, W)."""
+        """Posterior (B, r) over the discrete rotations given the posterior means of z and the shift, the
+        rotations decoded (B, r: all) and their decodings (B, r, H, W)."""
         loglik, decoded = self._fit_angles(x, enc, enc["theta_mu"], **kw)
         keep = torch.arange(loglik.shape[1], device=x.device).expand(x.shape[0], -1)
         return torch.softmax(self.log_rotation_prior[None] + loglik, dim=1), keep, decoded
