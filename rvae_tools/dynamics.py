@@ -1578,6 +1578,71 @@ def ordering_transition(movie: Movie, signals: dict[str, Signal], settings: dict
     return out
 
 
+def tilt_autocorrelation(tilt: np.ndarray, max_lag: int) -> np.ndarray:
+    """Normalised autocorrelation of each trajectory's tilt fluctuation over lag frames.
+
+    Parameters
+    ----------
+    tilt : numpy.ndarray
+        Tilt (rad) on (particle, frame); NaN where the trajectory is absent.
+    max_lag : int
+        Largest lag (frames).
+
+    Returns
+    -------
+    numpy.ndarray
+        (particle, lag) with lag 0..max_lag: C(lag) = <d(t) d(t+lag)> / <d^2>, d the tilt minus
+        the trajectory's mean; pairs with a missing frame are left out. NaN where no pair exists
+        or the tilt does not vary.
+    """
+    n_p, n_f = tilt.shape
+    acf = np.full((n_p, max_lag + 1), np.nan)
+    with _quiet(), np.errstate(invalid="ignore", divide="ignore"):
+        d = tilt - np.nanmean(tilt, axis=1, keepdims=True)
+        var = np.nanmean(d * d, axis=1)
+        for lag in range(min(max_lag, n_f - 1) + 1):
+            acf[:, lag] = np.nanmean(d[:, :n_f - lag] * d[:, lag:], axis=1) / var
+    acf[~(var > 0)] = np.nan
+    return acf
+
+
+def tilt_dynamics(movie: Movie, latents: xr.Dataset, settings: dict[str, Any]) -> xr.Dataset:
+    """Per frame and species: mean, median and spread of the out-of-plane tilt; per trajectory its autocorrelation.
+
+    Only for latents with a ``tilt`` variable (the ``rvae3d`` model); otherwise an empty dataset.
+    The autocorrelation runs to half the movie's length (at most ``msd_max_lag`` frames when set).
+    """
+    ds = xr.Dataset()
+    if "tilt" not in latents.variables:
+        return ds
+    tilt = np.where(movie.present, np.asarray(latents["tilt"].transpose("particle", "frame").values, dtype=float), np.nan)
+    n_f, n_s = len(movie.frames), movie.n_species
+    mean, median, sd = (np.full((n_f, n_s), np.nan) for _ in range(3))
+    with _quiet(), np.errstate(invalid="ignore"):
+        for s in range(n_s):
+            rows = tilt[movie.species == s]
+            if not len(rows):
+                continue
+            mean[:, s] = np.nanmean(rows, axis=0)
+            median[:, s] = np.nanmedian(rows, axis=0)
+            if len(rows) > 1:
+                sd[:, s] = np.nanstd(rows, axis=0, ddof=1)
+    ds = ds.assign_coords(frame=movie.frames,
+                          species_name=("species_index", np.array([s["name"] for s in movie.table], dtype=object)))
+    for name, values, text in (("tilt_mean", mean, "mean"), ("tilt_median", median, "median"),
+                               ("tilt_sd", sd, "standard deviation (ddof 1) over trajectories of")):
+        ds[name] = (("frame", "species_index"), values)
+        ds[name].attrs.update(units="rad", description=f"{text} the out-of-plane tilt per frame and species")
+    max_lag = max(1, n_f // 2)
+    if settings.get("msd_max_lag"):
+        max_lag = min(max_lag, int(settings["msd_max_lag"]))
+    ds = ds.assign_coords(particle=movie.particles, tilt_lag=np.arange(max_lag + 1))
+    ds["tilt_lag"].attrs["units"] = "frame"
+    ds["tilt_acf"] = (("particle", "tilt_lag"), tilt_autocorrelation(tilt, max_lag))
+    ds["tilt_acf"].attrs.update(units="1", description="autocorrelation of the trajectory's tilt fluctuation over lag frames")
+    return ds
+
+
 def compute_dynamics(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: dict[str, Any]) -> xr.Dataset:
     """Ensemble statistics, order parameters, rotational dynamics and the transition of one movie.
 
@@ -1601,7 +1666,9 @@ def compute_dynamics(latents: xr.Dataset, tracks: pd.DataFrame | None, settings:
         On ``frame`` (with ``time`` in s): counts, latent means/spreads/quantiles, circular
         statistics, order parameters, histograms; on ``particle``: species, unwrapped angle,
         angular velocity, local order, diffusion coefficients; on ``lag``: MSDs; on ``r``:
-        g(r) at early/middle/late frames. The transition estimate is in ``attrs``.
+        g(r) at early/middle/late frames; with a ``tilt`` latent (``rvae3d``) its per-frame
+        mean/median/spread (rad) and per-trajectory autocorrelation on ``tilt_lag``. The
+        transition estimate is in ``attrs``.
     """
     rng = np.random.default_rng(int(settings["seed"]))
     movie = prepare_movie(latents, tracks, settings)
@@ -1616,6 +1683,7 @@ def compute_dynamics(latents: xr.Dataset, tracks: pd.DataFrame | None, settings:
         pair_correlations(movie, settings),
         rotational_dynamics(movie, settings),
         translational_dynamics(movie, tracks, settings),
+        tilt_dynamics(movie, latents, settings),
     ]
     parts.append(ordering_transition(movie, signals, settings, rng))
     ds = xr.merge(parts, combine_attrs="no_conflicts", join="outer")

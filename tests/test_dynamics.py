@@ -480,3 +480,33 @@ def test_angle_redraw_of_the_bootstrap_matches_redrawing_every_angle(order):
     brute = np.abs(np.exp(1j * order * redrawn).mean(axis=1))
     np.testing.assert_allclose(fast.mean(axis=0), brute.mean(axis=0), rtol=0.02)
     np.testing.assert_allclose(fast.std(axis=0), brute.std(axis=0), rtol=0.1)
+
+
+def test_tilt_statistics_and_autocorrelation_time_of_an_ar1_tilt():
+    """An AR(1) tilt (phi = exp(-1/tau)) has autocorrelation exp(-lag/tau); tilt mean/median per frame follow the planted ones."""
+    rng = np.random.default_rng(3)
+    n_p, n_f, tau = 40, 400, 5.0
+    phi = np.exp(-1.0 / tau)
+    noise = rng.normal(0, 0.1 * np.sqrt(1 - phi ** 2), (n_p, n_f))
+    d = np.zeros((n_p, n_f))
+    d[:, 0] = rng.normal(0, 0.1, n_p)
+    for t in range(1, n_f):
+        d[:, t] = phi * d[:, t - 1] + noise[:, t]
+    tilt = 0.6 + d
+    ds = make_latents(rng.uniform(0, np.pi, (n_p, n_f)), rng=rng)
+    ds["tilt"] = (("particle", "frame"), tilt)
+    out = compute_dynamics(ds, None, settings(msd_max_lag=15))
+    assert out["tilt_mean"].attrs["units"] == "rad"
+    np.testing.assert_allclose(out["tilt_mean"].isel(species_index=0).values, tilt.mean(axis=0), atol=1e-9)
+    np.testing.assert_allclose(out["tilt_median"].isel(species_index=0).values, np.median(tilt, axis=0), atol=1e-9)
+    acf = out["tilt_acf"].mean("particle").values
+    assert acf[0] == pytest.approx(1.0)
+    lags = np.arange(1, 8)
+    tau_fit = -1.0 / np.polyfit(lags, np.log(acf[lags]), 1)[0]
+    assert abs(tau_fit - tau) / tau < 0.2, tau_fit
+
+
+def test_no_tilt_means_no_tilt_variables():
+    rng = np.random.default_rng(4)
+    out = compute_dynamics(make_latents(rng.uniform(0, np.pi, (10, 20)), rng=rng), None, settings())
+    assert not [v for v in out.variables if str(v).startswith("tilt")]
