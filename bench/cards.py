@@ -23,6 +23,7 @@ stand-in of ``bench/peer_shims`` on the path; when that fails its figures are nu
 
     python bench/cards.py                                   # default sizes (see --help)
     python bench/cards.py --unlabelled 3000 --test 1000     # the paper's set sizes
+    python bench/cards.py --quick --threads 1                    # the reduced run (see QUICK)
     python bench/cards.py --angles 0 90 180 --epochs 3 --no-peers   # a quick look
     python bench/cards.py --size 24 --labelled 100 --unlabelled 200 --test 100 --epochs 5 \
         --peer-angles 30 180 --threads 1    # ~28 min on a 2-core machine shared by 8 jobs
@@ -48,8 +49,29 @@ import numpy as np
 from _peers import PEERS, SHIMS
 from _peers import ensure_peers as install_peers
 
-PEER_PACKAGES = ["pyroved==0.3.0", "pyro-ppl", "pyro-api", "opt_einsum", "gpytorch", "linear_operator",
-                 "jaxtyping", "wadler_lindig", "mpmath"]
+PEER_PACKAGES = [
+    "pyroved==0.3.0",
+    "pyro-ppl",
+    "pyro-api",
+    "opt_einsum",
+    "gpytorch",
+    "linear_operator",
+    "jaxtyping",
+    "wadler_lindig",
+    "mpmath",
+]
+#: ``--quick``: the reduced run, three angles and pyroVED at the widest only (estimated from the
+#: 28-min run's throughputs: about 12 min at --threads 1 on an idle core); options given on the
+#: command line still win.
+QUICK = {
+    "size": 24,
+    "labelled": 100,
+    "unlabelled": 200,
+    "test": 100,
+    "epochs": 5,
+    "angles": [0, 90, 180],
+    "peer_angles": [180],
+}
 SUITS = {"spade": "\u2660", "heart": "\u2665", "diamond": "\u2666", "club": "\u2663"}
 
 
@@ -78,8 +100,16 @@ def glyph_paths():
     return paths
 
 
-def render(path, size: int, angle: float, shift, shear: float, scale: float, glyph_height: float,
-           ss: int = 3) -> np.ndarray:
+def render(
+    path,
+    size: int,
+    angle: float,
+    shift,
+    shear: float,
+    scale: float,
+    glyph_height: float,
+    ss: int = 3,
+) -> np.ndarray:
     """Anti-aliased card: the glyph sheared, scaled, rotated by ``angle`` (rad) and moved by ``shift`` (px)."""
     c = (np.arange(size * ss) + 0.5) / ss - 0.5 - (size - 1) / 2
     gy, gx = np.meshgrid(c, c, indexing="ij")
@@ -123,11 +153,25 @@ def run_ours(kind: str, labelled, unlabelled, test, args) -> dict:
     from rvae_tools.rvae import build_model
 
     torch.manual_seed(args.seed)
-    settings = validate_section("rvae", {
-        "model": kind, "classes": len(SUITS), "latent_dim": args.latent, "epochs": args.epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "patience": 0, "train_fraction": 1.0,
-        "rotations": args.rotations, "kl_warmup_epochs": 1, "background": "none", "class_weight": args.class_weight,
-    }, source="bench")
+    settings = validate_section(
+        "rvae",
+        {
+            "model": kind,
+            "classes": len(SUITS),
+            "latent_dim": args.latent,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "patience": 0,
+            "train_fraction": 1.0,
+            "rotations": args.rotations,
+            "kl_warmup_epochs": 1,
+            "background": "none",
+            "class_weight": args.class_weight,
+        },
+        source="bench",
+    )
     model = build_model(settings, args.size)
     x = np.concatenate([labelled[0], unlabelled[0]])
     labels = np.concatenate([labelled[1], -np.ones(len(unlabelled[0]), np.int64)])
@@ -135,8 +179,11 @@ def run_ours(kind: str, labelled, unlabelled, test, args) -> dict:
     hist = model.fit(x, labels=labels, device=args.device, progress=False)
     train_s = time.perf_counter() - t0
     pred = model.class_probabilities(test[0], device=args.device).argmax(1)
-    return {"accuracy": float((pred == test[1]).mean()), "train_seconds": train_s,
-            "train_windows_per_s": len(hist) * len(x) / train_s}
+    return {
+        "accuracy": float((pred == test[1]).mean()),
+        "train_seconds": train_s,
+        "train_windows_per_s": len(hist) * len(x) / train_s,
+    }
 
 
 def run_pyroved(labelled, unlabelled, test, args) -> dict:
@@ -144,21 +191,31 @@ def run_pyroved(labelled, unlabelled, test, args) -> dict:
     import torch
 
     k = len(SUITS)
-    model = pv.models.ssiVAE((args.size, args.size), latent_dim=args.latent, num_classes=k,
-                             invariances=["r", "t"], seed=args.seed)
+    model = pv.models.ssiVAE(
+        (args.size, args.size),
+        latent_dim=args.latent,
+        num_classes=k,
+        invariances=["r", "t"],
+        seed=args.seed,
+    )
     trainer = pv.trainers.auxSVItrainer(model, task="classification", lr=args.lr, seed=args.seed)
     # ssiVAE's encoders take flattened images (its decoder knows the image shape).
     xl = torch.from_numpy(labelled[0]).flatten(1)
     yl = torch.nn.functional.one_hot(torch.from_numpy(labelled[1]), k).float()
     xu = torch.from_numpy(unlabelled[0]).flatten(1)
-    loader_u, loader_l, _ = pv.utils.init_ssvae_dataloaders(xu, (xl, yl), (xl[:2], yl[:2]), batch_size=args.batch_size)
+    loader_u, loader_l, _ = pv.utils.init_ssvae_dataloaders(
+        xu, (xl, yl), (xl[:2], yl[:2]), batch_size=args.batch_size
+    )
     t0 = time.perf_counter()
     for _ in range(args.epochs):
         trainer.train(loader_u, loader_l, aux_loss_multiplier=args.class_weight)
     train_s = time.perf_counter() - t0
     pred = model.classifier(torch.from_numpy(test[0]).flatten(1), batch_size=256).numpy()
-    return {"accuracy": float((pred == test[1]).mean()), "train_seconds": train_s,
-            "train_windows_per_s": args.epochs * (len(xu) + len(xl)) / train_s}
+    return {
+        "accuracy": float((pred == test[1]).mean()),
+        "train_seconds": train_s,
+        "train_windows_per_s": args.epochs * (len(xu) + len(xl)) / train_s,
+    }
 
 
 def ensure_peers() -> str | None:
@@ -171,30 +228,75 @@ def ensure_peers() -> str | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--angles", type=float, nargs="+", default=[0, 15, 30, 45, 60, 90, 120, 180],
-                        help="rotation ranges a of the unlabelled and test cards, degrees")
-    parser.add_argument("--labelled", type=int, default=200, help="labelled cards per suit (paper: 200)")
-    parser.add_argument("--unlabelled", type=int, default=400, help="unlabelled cards per suit (paper: 3000)")
+    parser.add_argument(
+        "--angles",
+        type=float,
+        nargs="+",
+        default=[0, 15, 30, 45, 60, 90, 120, 180],
+        help="rotation ranges a of the unlabelled and test cards, degrees",
+    )
+    parser.add_argument(
+        "--labelled", type=int, default=200, help="labelled cards per suit (paper: 200)"
+    )
+    parser.add_argument(
+        "--unlabelled", type=int, default=400, help="unlabelled cards per suit (paper: 3000)"
+    )
     parser.add_argument("--test", type=int, default=250, help="test cards per suit")
     parser.add_argument("--size", type=int, default=32, help="card window size, px")
-    parser.add_argument("--glyph", type=float, default=0.55, help="glyph height as a fraction of the window")
-    parser.add_argument("--shift", type=float, default=2.0, help="largest shift of unlabelled/test cards, px")
-    parser.add_argument("--shear", type=float, default=0.15, help="largest shear of unlabelled/test cards")
-    parser.add_argument("--scale", type=float, default=0.1, help="largest relative size change of unlabelled/test cards")
+    parser.add_argument(
+        "--glyph", type=float, default=0.55, help="glyph height as a fraction of the window"
+    )
+    parser.add_argument(
+        "--shift", type=float, default=2.0, help="largest shift of unlabelled/test cards, px"
+    )
+    parser.add_argument(
+        "--shear", type=float, default=0.15, help="largest shear of unlabelled/test cards"
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=0.1,
+        help="largest relative size change of unlabelled/test cards",
+    )
     parser.add_argument("--noise", type=float, default=0.05, help="pixel noise sd")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--latent", type=int, default=2, help="content latents (all models)")
-    parser.add_argument("--rotations", type=int, default=16, help="discrete rotations of our equivariant encoder")
-    parser.add_argument("--class-weight", type=float, default=50.0,
-                        help="classification loss weight (ours: class_weight; pyroVED: aux_loss_multiplier)")
+    parser.add_argument(
+        "--rotations", type=int, default=16, help="discrete rotations of our equivariant encoder"
+    )
+    parser.add_argument(
+        "--class-weight",
+        type=float,
+        default=50.0,
+        help="classification loss weight (ours: class_weight; pyroVED: aux_loss_multiplier)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-peers", action="store_true", help="skip pyroVED")
-    parser.add_argument("--peer-angles", type=float, nargs="+", default=None,
-                        help="the angles a at which pyroVED is trained (default: every a; it is the slowest)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--peer-angles",
+        type=float,
+        nargs="+",
+        default=None,
+        help="the angles a at which pyroVED is trained (default: every a; it is the slowest)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced sizes: "
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in QUICK.items()
+        ),
+    )
+    # The preset only moves the defaults, so an option given next to --quick still applies.
+    if parser.parse_known_args(argv)[0].quick:
+        parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
 
     import torch
@@ -206,20 +308,27 @@ def main(argv=None) -> int:
         peer_error = ensure_peers()
         if peer_error is None:
             sys.path[:0] = [str(SHIMS), str(PEERS)]
-    print(f"cards: {args.labelled}/suit labelled (+-4 deg), {args.unlabelled}/suit unlabelled, {args.test}/suit test, "
-          f"{args.size} px, {args.epochs} epochs, latent {args.latent}, torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"cards: {args.labelled}/suit labelled (+-4 deg), {args.unlabelled}/suit unlabelled, {args.test}/suit test, "
+        f"{args.size} px, {args.epochs} epochs, latent {args.latent}, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     labelled = card_set(args.labelled, 4.0, args, seed=args.seed * 1000 + 1, disorder=False)
     results: dict[str, dict] = {"ssvae": {}, "ssrvae": {}, "pyroved_ssivae": {}}
     speed: dict[str, list] = {name: [] for name in results}
     print(f"{'a (deg)':>8} {'ss-VAE':>8} {'ss-rVAE':>8} {'pyroVED':>8}", flush=True)
     for a in args.angles:
-        unlabelled = card_set(args.unlabelled, a, args, seed=args.seed * 1000 + 2 + int(a), disorder=True)
+        unlabelled = card_set(
+            args.unlabelled, a, args, seed=args.seed * 1000 + 2 + int(a), disorder=True
+        )
         test = card_set(args.test, a, args, seed=args.seed * 1000 + 500 + int(a), disorder=True)
         row = {}
         for name in results:
             try:
                 if name == "pyroved_ssivae":
-                    if peer_error is not None or (args.peer_angles is not None and a not in args.peer_angles):
+                    if peer_error is not None or (
+                        args.peer_angles is not None and a not in args.peer_angles
+                    ):
                         row[name] = None
                         continue
                     res = run_pyroved(labelled, unlabelled, test, args)
@@ -234,12 +343,22 @@ def main(argv=None) -> int:
             speed[name].append(res["train_windows_per_s"])
         for name, per_angle in results.items():
             per_angle[f"{a:g}"] = row[name]
-        print(f"{a:8g} " + " ".join(f"{v:8.3f}" if v is not None else f"{'-':>8}" for v in row.values()), flush=True)
+        print(
+            f"{a:8g} "
+            + " ".join(f"{v:8.3f}" if v is not None else f"{'-':>8}" for v in row.values()),
+            flush=True,
+        )
     mean_speed = {name: (float(np.mean(v)) if v else None) for name, v in speed.items()}
-    ratio = (mean_speed["ssrvae"] / mean_speed["pyroved_ssivae"]
-             if mean_speed["ssrvae"] and mean_speed["pyroved_ssivae"] else None)
-    print("training throughput (windows/s): " + ", ".join(
-        f"{n} {v:.0f}" if v else f"{n} -" for n, v in mean_speed.items()), flush=True)
+    ratio = (
+        mean_speed["ssrvae"] / mean_speed["pyroved_ssivae"]
+        if mean_speed["ssrvae"] and mean_speed["pyroved_ssivae"]
+        else None
+    )
+    print(
+        "training throughput (windows/s): "
+        + ", ".join(f"{n} {v:.0f}" if v else f"{n} -" for n, v in mean_speed.items()),
+        flush=True,
+    )
     if ratio is not None:
         print(f"ss-rVAE / pyroVED ssiVAE training throughput: {ratio:.2f}x", flush=True)
     elif peer_error:
