@@ -226,7 +226,8 @@ def ensure_peers() -> str | None:
 # --------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The benchmark's options; ``--quick`` moves the defaults to :data:`QUICK`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--angles",
@@ -297,7 +298,11 @@ def main(argv=None) -> int:
     # The preset only moves the defaults, so an option given next to --quick still applies.
     if parser.parse_known_args(argv)[0].quick:
         parser.set_defaults(**QUICK)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     import torch
 
