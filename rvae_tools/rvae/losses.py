@@ -54,7 +54,10 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, sd: float | torch.Tensor,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """-log N(x | mean, sd^2) summed over the last two (pixel) axes; ``mask`` drops missing pixels."""
     sd = torch.as_tensor(sd, dtype=mean.dtype, device=mean.device)
-    sq = torch.square(mean - x)
+    sq = mean - x
+    # Squared in place where nothing needs the difference for a gradient (encoding): one
+    # (B, r, H, W) temporary fewer.
+    sq = sq.square() if sq.requires_grad else sq.square_()
     if mask is None:
         count = x.shape[-1] * x.shape[-2]
     else:

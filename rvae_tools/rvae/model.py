@@ -262,12 +262,13 @@ class RVAE:
         raw = self.decoder(self._decoder_z(enc), theta, enc["t_mu"], **kw).float()
         if background is None:
             background = self._background(x0, mask)
-        decoded = raw + background[:, None, None, None]
         mm = mask[:, None].float() if not bool(mask.all()) else None
         if self.settings["likelihood"] == "bernoulli":
-            rec = losses.bernoulli_nll(x0[:, None], decoded, mm)
+            rec = losses.bernoulli_nll(x0[:, None], raw + background[:, None, None, None], mm)
         else:
-            rec = losses.gaussian_nll(x0[:, None], decoded, self._noise_sd(), mm)
+            # The background taken off the window (B pixels) rather than added to every
+            # decoding (B r pixels): the same residual, one pass over the decodings fewer.
+            rec = losses.gaussian_nll((x0 - background[:, None, None])[:, None], raw, self._noise_sd(), mm)
         return -rec, raw
 
     def _decoder_z(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
