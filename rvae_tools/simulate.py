@@ -119,7 +119,9 @@ class SimulatedMovie:
         One row per particle in view per frame: ``frame`` (int), ``particle`` (int),
         ``x``, ``y`` (float px, x = column, y = row, drift included), ``angle`` (rad, in
         ``[0, 2 pi / n)``, convention in the module docstring), ``cls`` (int species index),
-        ``angle_unwrapped`` (rad, continuous).
+        ``angle_unwrapped`` (rad, continuous). Movies with a ``body_3d`` species also have
+        ``qw, qx, qy, qz`` (the pose, :func:`pose_quaternions`; flat species: a turn about
+        z) and ``tilt`` (rad, angle between the body x axis and the image plane).
     masks : numpy.ndarray or None
         ``(frame, y, x)`` uint8: 0 background, ``k + 1`` where a pixel centre lies inside a
         particle of species k (None unless asked for).
@@ -148,6 +150,7 @@ class _Species:
     radius: float  # exclusion disc about the reference point: footprint + _GAP / 2, px
     rim: float  # width of the rounded edge of the height profile, px
     vertices: tuple[tuple[float, float], ...] | None  # polygon in body coordinates (u along axis)
+    body3d: dict[str, Any] | None = None  # kind, tilt_concentration, tilt_diffusion when tilting out of plane
 
 
 def _species_from_settings(entries: list[dict[str, Any]]) -> list[_Species]:
@@ -178,11 +181,44 @@ def _species_from_settings(entries: list[dict[str, Any]]) -> list[_Species]:
             circ = length / math.sqrt(3)
             vertices = tuple((circ * math.cos(a), circ * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3))
             radius, rim = circ + _GAP / 2, 0.5 * circ / 2
+        body3d = _body3d_from_settings(e.get("body_3d"), k, shape, length)
+        if body3d is not None:
+            # The blobs reach half_length + 2.5 sd from the centre at any pose.
+            radius = length / 2 * (1.0 + 2.5 * max(BODIES_3D[body3d["kind"]]["sd"])) + _GAP / 2
         out.append(_Species(
             name=str(e["name"]), shape=shape, symmetry=n, length=length, width=width,
             contrast=float(e["contrast"]), fraction=float(e["fraction"]) / total,
-            radius=radius, rim=rim, vertices=vertices,
+            radius=radius, rim=rim, vertices=vertices, body3d=body3d,
         ))
+    return out
+
+
+#: Shape whose in-plane symmetry each 3D body shares (the truth ``angle`` is wrapped by it).
+_BODY3D_SHAPE = {"rod": "rod", "asymmetric": "tadpole"}
+
+
+def _body3d_from_settings(entry: Any, k: int, shape: str, length: float) -> dict[str, Any] | None:
+    """Checked ``species[k].body_3d`` option (None when the species stays flat)."""
+    if entry is None:
+        return None
+    field_ = f"simulate.species.{k}.body_3d"
+    if not isinstance(entry, dict):
+        raise InputError(f"{field_}: {entry!r}; expected a mapping with kind, tilt_concentration, tilt_diffusion")
+    for key in ("kind", "tilt_concentration", "tilt_diffusion"):
+        if key not in entry:
+            raise InputError(f"{field_}.{key}: missing; expected it to be given (no default)")
+    kind = entry["kind"]
+    if kind not in _BODY3D_SHAPE:
+        raise InputError(f"{field_}.kind: {kind!r}; expected one of {', '.join(_BODY3D_SHAPE)}")
+    if _BODY3D_SHAPE[kind] != shape:
+        raise InputError(f"{field_}.kind: {kind!r} does not match shape {shape!r}; expected shape "
+                         f"{_BODY3D_SHAPE[kind]!r} (same in-plane symmetry)")
+    out = {"kind": str(kind), "half_length": length / 2}
+    for key in ("tilt_concentration", "tilt_diffusion"):
+        v = entry[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise InputError(f"{field_}.{key}: {v!r}; expected a finite number > 0")
+        out[key] = float(v)
     return out
 
 
@@ -258,6 +294,8 @@ class _Scene:
         self.theta = np.empty(0)
         self.cls = np.empty(0, dtype=np.int64)
         self.pid = np.empty(0, dtype=np.int64)
+        # Elevation (rad) of the body axis above the image plane; stays 0 for flat species.
+        self.elevation = np.empty(0)
         self.next_id = 0
 
     @property
@@ -307,6 +345,11 @@ class _Scene:
             self.pos = np.vstack([self.pos, spot])
             self.theta = np.append(self.theta, self.rng.uniform(0, 2 * np.pi))
             self.cls = np.append(self.cls, k)
+            b3 = self.species[k].body3d
+            # Drawn from the stationary tilt distribution; flat species draw nothing, so
+            # movies without a 3D species keep their random stream.
+            lift = self.rng.normal(0.0, 1.0 / math.sqrt(b3["tilt_concentration"])) if b3 else 0.0
+            self.elevation = np.append(self.elevation, lift)
             self.pid = np.append(self.pid, self.next_id)
             self.next_id += 1
             placed += 1
@@ -317,6 +360,24 @@ class _Scene:
             return
         keep = self.rng.uniform(size=len(self.pos)) >= probability
         self.pos, self.theta, self.cls, self.pid = self.pos[keep], self.theta[keep], self.cls[keep], self.pid[keep]
+        self.elevation = self.elevation[keep]
+
+    def tilt(self) -> None:
+        """One frame of tilt diffusion for the 3D species: an exact Ornstein-Uhlenbeck step.
+
+        The elevation e of the body axis turns about the in-plane axis perpendicular to it,
+        ``de = -D kappa e dt + sqrt(2 D) dW`` (D = tilt_diffusion rad^2/frame, kappa =
+        tilt_concentration rad^-2), whose stationary law is N(0, 1/kappa): kappa pulls the
+        particle back towards lying flat.
+        """
+        for k, sp in enumerate(self.species):
+            sel = np.flatnonzero(self.cls == k)
+            if sp.body3d is None or len(sel) == 0:
+                continue
+            kappa, d = sp.body3d["tilt_concentration"], sp.body3d["tilt_diffusion"]
+            decay = math.exp(-d * kappa)
+            sd = math.sqrt((1.0 - decay**2) / kappa)
+            self.elevation[sel] = self.elevation[sel] * decay + self.rng.normal(0.0, sd, len(sel))
 
     def translate(self, d_trans: float) -> None:
         """One Brownian step; moves that break the excluded volume are undone."""
@@ -390,8 +451,14 @@ def _render_frame(
     shape: tuple[int, int],
     supersample: int,
     want_mask: bool,
+    elevation: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Height map (and class mask) of one frame from particles at image coordinates."""
+    """Height map (and class mask) of one frame from particles at image coordinates.
+
+    Species with a ``body_3d`` are drawn as the projection of their 3D body at the pose
+    ``pose_quaternions(theta, elevation)`` times their contrast; their mask is where that
+    projection exceeds ``MASK_LEVEL_3D`` of the contrast.
+    """
     height, width = shape
     pad = math.ceil(max(s.radius for s in species)) + 2
     canvas = np.zeros((height + 2 * pad, width + 2 * pad), dtype=np.float32)
@@ -406,6 +473,9 @@ def _render_frame(
         offs = np.arange(-half, half + 1)
         ix0 = np.rint(x).astype(np.int64)
         iy0 = np.rint(y).astype(np.int64)
+        if sp.body3d is not None:
+            _paste_body3d(sp, x, y, a, elevation[sel], ix0, iy0, offs, pad, k, canvas, mask)
+            continue
         # Sample points of each particle's patch, relative to its centre: (particle, row, col);
         # float32 halves the cost, and offsets of a few px lose nothing in it.
         grid = (offs[:, None] + sub[None, :]).ravel()[None, :]
@@ -430,6 +500,41 @@ def _render_frame(
             np.maximum.at(mask, (rows[ok], cols[ok]), np.uint8(k + 1))
     crop = (slice(pad, pad + height), slice(pad, pad + width))
     return canvas[crop], (mask[crop] if want_mask else None)
+
+
+#: Fraction of the contrast above which a pixel of a projected 3D body is in its mask.
+MASK_LEVEL_3D = 0.3
+
+
+def pose_quaternions(angle: np.ndarray, elevation: np.ndarray) -> np.ndarray:
+    """Unit quaternions (n, 4) (w, x, y, z) of particles turned by ``angle`` in the plane and tilted.
+
+    The pose is ``R_z(angle) R_y(-elevation)``: the body x axis is lifted by ``elevation``
+    (rad) out of the image plane, then turned by ``angle`` (rad, from +x towards +y), so
+    ``R (1, 0, 0) = (cos e cos a, cos e sin a, sin e)`` and the tilt is ``arcsin |sin e|``.
+    """
+    from .rvae import so3
+
+    a, e = np.asarray(angle, dtype=np.float64), np.asarray(elevation, dtype=np.float64)
+    zero = np.zeros_like(a)
+    qz = np.stack([np.cos(a / 2), zero, zero, np.sin(a / 2)], -1)
+    qy = np.stack([np.cos(-e / 2), zero, np.sin(-e / 2), zero], -1)
+    return so3.multiply(qz, qy)
+
+
+def _paste_body3d(sp: _Species, x, y, a, elevation, ix0, iy0, offs, pad, k, canvas, mask) -> None:
+    """Paste the projections of a 3D species' particles into the canvas (topmost wins)."""
+    body = body_3d(sp.body3d["kind"], sp.body3d["half_length"])
+    # The window centre pixel sits on (ix0, iy0); the sub-pixel rest is the shift.
+    h = sp.contrast * project_body_3d(body, pose_quaternions(a, elevation), len(offs),
+                                      np.stack([x - ix0, y - iy0], -1))
+    rows = np.broadcast_to((iy0[:, None] + offs[None, :] + pad)[:, :, None], h.shape)
+    cols = np.broadcast_to((ix0[:, None] + offs[None, :] + pad)[:, None, :], h.shape)
+    ok = (rows >= 0) & (rows < canvas.shape[0]) & (cols >= 0) & (cols < canvas.shape[1])
+    np.maximum.at(canvas, (rows[ok & (h > 0)], cols[ok & (h > 0)]), h[ok & (h > 0)])
+    if mask is not None:
+        inside = ok & (h > MASK_LEVEL_3D * sp.contrast)
+        np.maximum.at(mask, (rows[inside], cols[inside]), np.uint8(k + 1))
 
 
 # --------------------------------------------------------------------------- the simulator
@@ -488,6 +593,7 @@ def simulate(settings: dict[str, Any], *, masks: bool = False) -> SimulatedMovie
     adsorption = desorption * cfg["n_particles"] if adsorption is None else float(adsorption)
 
     scene = _Scene(species, box, float(cfg["exclusion_scale"]), rng)
+    tilting = any(s.body3d is not None for s in species)
     wanted = round(cfg["n_particles"] * area_ratio)
     placed = scene.adsorb(wanted, stop_when_full=True)
     if placed < wanted:
@@ -508,6 +614,8 @@ def simulate(settings: dict[str, Any], *, masks: bool = False) -> SimulatedMovie
             scene.adsorb(int(rng.poisson(adsorption * area_ratio)))
             scene.translate(d_trans)
             scene.rotate(d_rot, t - 1, transition)
+            if tilting:
+                scene.tilt()
         shift = origin + np.array(drift) * t
         # The periodic patch covers the view plus a margin at every frame, so one periodic
         # image of each particle is all the view can show.
@@ -515,20 +623,26 @@ def simulate(settings: dict[str, Any], *, masks: bool = False) -> SimulatedMovie
         x, y = img[:, 0], img[:, 1]
         near = (x > -reach) & (x < width + reach) & (y > -reach) & (y < height + reach)
         heights, mask = _render_frame(species, x[near], y[near], scene.theta[near], scene.cls[near],
-                                      (height, width), int(render["supersample"]), masks)
+                                      (height, width), int(render["supersample"]), masks,
+                                      scene.elevation[near])
         movie[t] = heights
         if masks:
             mask_stack[t] = mask
         inside = (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
         sym = np.array([s.symmetry for s in species])[scene.cls[inside]]
-        rows.append(pd.DataFrame({
+        table = pd.DataFrame({
             "frame": np.full(int(inside.sum()), t, dtype=np.int64),
             "particle": scene.pid[inside].astype(np.int64),
             "x": x[inside], "y": y[inside],
             "angle": np.mod(scene.theta[inside], 2 * np.pi / sym),
             "cls": scene.cls[inside].astype(np.int64),
             "angle_unwrapped": scene.theta[inside],
-        }))
+        })
+        if tilting:  # only movies with a 3D species carry the pose columns
+            q = pose_quaternions(scene.theta[inside], scene.elevation[inside])
+            table[["qw", "qx", "qy", "qz"]] = q
+            table["tilt"] = np.arcsin(np.clip(np.abs(np.sin(scene.elevation[inside])), 0.0, 1.0))
+        rows.append(table)
     truth = pd.concat(rows, ignore_index=True).sort_values(["frame", "particle"], ignore_index=True)
 
     noise_info = _afm_artefacts_and_noise(movie, species, render, noise, rng)
@@ -647,6 +761,7 @@ def _metadata(cfg: dict[str, Any], species: list[_Species], box: np.ndarray, ads
             {"name": s.name, "cls": k, "shape": s.shape, "symmetry": s.symmetry, "length": s.length,
              "width": s.width, "contrast": s.contrast, "fraction": s.fraction,
              "exclusion_radius": s.radius, "reference_axis": _AXIS[s.shape]}
+            | ({"body_3d": dict(s.body3d)} if s.body3d is not None else {})
             for k, s in enumerate(species)
         ],
         "particle_size": particle_size,
