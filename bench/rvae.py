@@ -171,7 +171,8 @@ def run_ours(data, train_idx, args) -> dict:
     from rvae_tools.rvae import RVAE
 
     x = data["windows"]
-    model = RVAE(x.shape[1], latent_dim=args.latent, seed=args.seed, max_windows=None)  # the peers train on all
+    extra = {"encoder_channels": args.encoder_channels} if args.encoder_channels else {}
+    model = RVAE(x.shape[1], latent_dim=args.latent, seed=args.seed, max_windows=None, **extra)  # the peers train on all
     t0 = time.perf_counter()
     hist = model.fit(x, epochs=args.epochs, batch_size=args.batch_size, device="cpu", progress=False)
     train_s = time.perf_counter() - t0
@@ -270,6 +271,9 @@ def main(argv=None) -> int:
     parser.add_argument("--encode-repeats", type=int, default=3,
                         help="encode every model this many times and report the shortest (default 3)")
     parser.add_argument("--no-peers", action="store_true", help="skip the peer implementations")
+    parser.add_argument("--encoder-channels", type=int, nargs="+", default=None,
+                        help="our encoder's convolution channels (rvae.encoder_channels; default: the config's), "
+                             "e.g. 8 16 16 for a trunk of about a third of the multiply-adds")
     args = parser.parse_args(argv)
 
     import torch
@@ -341,7 +345,7 @@ def main(argv=None) -> int:
         print("--- targets: " + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in targets.items()))
     summary = {
         "n_windows": len(x), "window": int(x.shape[1]), "epochs": args.epochs, "batch_size": args.batch_size,
-        "latent": args.latent, "seed": args.seed, "threads": torch.get_num_threads(), "encode_repeats": args.encode_repeats,
+        "latent": args.latent, "encoder_channels": args.encoder_channels, "seed": args.seed, "threads": torch.get_num_threads(), "encode_repeats": args.encode_repeats,
         "load_average_start": load,
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "results": results, "speedups": ratios, "targets": targets,
