@@ -47,9 +47,26 @@ from _peers import PEERS, SHIMS
 from _peers import ensure_peers as install_peers
 from conditional import run_chain, true_particles
 
-PEER_PACKAGES = ["atomai==0.8.1", "pyroved==0.3.0", "pyro-ppl", "pyro-api", "opt_einsum", "gpytorch",
-                 "linear_operator", "jaxtyping", "wadler_lindig", "mpmath", "opencv-python-headless", "progressbar2",
-                 "python-utils", "mendeleev==0.6.1", "six", "sqlalchemy", "pyfiglet", "colorama"]
+PEER_PACKAGES = [
+    "atomai==0.8.1",
+    "pyroved==0.3.0",
+    "pyro-ppl",
+    "pyro-api",
+    "opt_einsum",
+    "gpytorch",
+    "linear_operator",
+    "jaxtyping",
+    "wadler_lindig",
+    "mpmath",
+    "opencv-python-headless",
+    "progressbar2",
+    "python-utils",
+    "mendeleev==0.6.1",
+    "six",
+    "sqlalchemy",
+    "pyfiglet",
+    "colorama",
+]
 
 
 def best_accuracy(found: np.ndarray, truth: np.ndarray) -> float:
@@ -70,9 +87,21 @@ def run_ours(x, k, args) -> tuple[np.ndarray, float]:
     from rvae_tools.rvae import build_model
 
     torch.manual_seed(args.seed)
-    settings = validate_section("rvae", {
-        "model": "jrvae", "classes": k, "latent_dim": args.latent, "epochs": args.epochs, "batch_size": args.batch_size,
-        "lr": args.lr, "seed": args.seed, "patience": 0, "train_fraction": 1.0}, source="bench")
+    settings = validate_section(
+        "rvae",
+        {
+            "model": "jrvae",
+            "classes": k,
+            "latent_dim": args.latent,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "seed": args.seed,
+            "patience": 0,
+            "train_fraction": 1.0,
+        },
+        source="bench",
+    )
     model = build_model(settings, x.shape[1:])
     t0 = time.perf_counter()
     model.fit(x, device=args.device, progress=False)
@@ -87,8 +116,14 @@ def run_atomai(x, k, args) -> tuple[np.ndarray, float]:
     model = jrVAE(x.shape[1:], latent_dim=args.latent, discrete_dim=[k], seed=args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        model.fit(x, training_cycles=args.epochs, batch_size=args.batch_size, rotation_prior=np.pi,
-                  optimizer=lambda p: torch.optim.Adam(p, lr=args.lr), filename=os.path.join(tmp, "atomai_jrvae"))
+        model.fit(
+            x,
+            training_cycles=args.epochs,
+            batch_size=args.batch_size,
+            rotation_prior=np.pi,
+            optimizer=lambda p: torch.optim.Adam(p, lr=args.lr),
+            filename=os.path.join(tmp, "atomai_jrvae"),
+        )
         seconds = time.perf_counter() - t0
     _, _, alphas = model.encode(x)
     return np.asarray(alphas).reshape(len(x), -1)[:, :k].argmax(1), seconds
@@ -98,8 +133,9 @@ def run_pyroved(x, k, args) -> tuple[np.ndarray, float]:
     import pyroved as pv
     import torch
 
-    model = pv.models.jiVAE(x.shape[1:], latent_dim=args.latent, discrete_dim=k, invariances=["r", "t"],
-                            seed=args.seed)
+    model = pv.models.jiVAE(
+        x.shape[1:], latent_dim=args.latent, discrete_dim=k, invariances=["r", "t"], seed=args.seed
+    )
     trainer = pv.trainers.SVItrainer(model, lr=args.lr, enumerate_parallel=True)
     xt = torch.from_numpy(np.clip(x, 0, 1))
     loader = pv.utils.init_dataloader(xt, batch_size=args.batch_size)
@@ -113,9 +149,15 @@ def run_pyroved(x, k, args) -> tuple[np.ndarray, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, default=60, help="frames of the demo movie (the demo: 60)")
-    parser.add_argument("--particles", type=int, default=80, help="particles in view (the demo: 80)")
-    parser.add_argument("--segmenter-steps", type=int, default=300, help="U-Net training steps (the default: 300)")
+    parser.add_argument(
+        "--frames", type=int, default=60, help="frames of the demo movie (the demo: 60)"
+    )
+    parser.add_argument(
+        "--particles", type=int, default=80, help="particles in view (the demo: 80)"
+    )
+    parser.add_argument(
+        "--segmenter-steps", type=int, default=300, help="U-Net training steps (the default: 300)"
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -123,7 +165,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-peers", action="store_true", help="skip AtomAI and pyroVED")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--workdir", default=None, help="keep (or reuse) the chain's outputs here")
     args = parser.parse_args(argv)
 
@@ -133,7 +177,11 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    peer_error = "skipped (--no-peers)" if args.no_peers else install_peers(PEER_PACKAGES, "pyroved.models, atomai.models")
+    peer_error = (
+        "skipped (--no-peers)"
+        if args.no_peers
+        else install_peers(PEER_PACKAGES, "pyroved.models, atomai.models")
+    )
     if peer_error is None:
         sys.path[:0] = [str(SHIMS), str(PEERS)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +189,10 @@ def main(argv=None) -> int:
         root.mkdir(parents=True, exist_ok=True)
         patches = root / "demo" / "patches.zarr"
         if not patches.exists():
-            print(f"demo movie: {args.frames} frames, {args.particles} particles, seed {args.seed}; the chain:", flush=True)
+            print(
+                f"demo movie: {args.frames} frames, {args.particles} particles, seed {args.seed}; the chain:",
+                flush=True,
+            )
             run_chain(root, args)
         ds = open_zarr(patches, required=["window", "particle"], what="patches store")
         _, species = true_particles(root / "demo", ds)
@@ -149,9 +200,11 @@ def main(argv=None) -> int:
         x = np.asarray(ds["window"].values, dtype=np.float32)[keep]
         species = species[keep]
     k = int(np.unique(species).size)
-    print(f"{len(x)} windows of {x.shape[1]}x{x.shape[2]} px, {k} species (fractions "
-          f"{', '.join(f'{v:.2f}' for v in np.bincount(species) / len(species))}), {args.epochs} epochs, no labels",
-          flush=True)
+    print(
+        f"{len(x)} windows of {x.shape[1]}x{x.shape[2]} px, {k} species (fractions "
+        f"{', '.join(f'{v:.2f}' for v in np.bincount(species) / len(species))}), {args.epochs} epochs, no labels",
+        flush=True,
+    )
     runners = {"ours_jrvae": run_ours, "atomai_jrvae": run_atomai, "pyroved_jivae": run_pyroved}
     accuracy, speed = {}, {}
     for name, runner in runners.items():
@@ -167,15 +220,30 @@ def main(argv=None) -> int:
             continue
         accuracy[name] = best_accuracy(np.asarray(found, dtype=np.int64), species)
         speed[name] = args.epochs * len(x) / seconds
-        print(f"{name:<14} accuracy {accuracy[name]:.3f}  ({speed[name]:.0f} windows/s)", flush=True)
-    ratios = {name: speed["ours_jrvae"] / v for name, v in speed.items() if name != "ours_jrvae" and v}
+        print(
+            f"{name:<14} accuracy {accuracy[name]:.3f}  ({speed[name]:.0f} windows/s)", flush=True
+        )
+    ratios = {
+        name: speed["ours_jrvae"] / v for name, v in speed.items() if name != "ours_jrvae" and v
+    }
     for name, r in ratios.items():
         print(f"ours / {name} training throughput: {r:.2f}x", flush=True)
     if peer_error:
         print(f"peers unavailable: {peer_error}", flush=True)
-    print(json.dumps({"accuracy": accuracy, "train_windows_per_s": speed, "throughput_ratio": ratios,
-                      "n_windows": len(x), "species": k, "peers": peer_error or "ok",
-                      "settings": vars(args)}, sort_keys=True))
+    print(
+        json.dumps(
+            {
+                "accuracy": accuracy,
+                "train_windows_per_s": speed,
+                "throughput_ratio": ratios,
+                "n_windows": len(x),
+                "species": k,
+                "peers": peer_error or "ok",
+                "settings": vars(args),
+            },
+            sort_keys=True,
+        )
+    )
     return 0
 
 
