@@ -42,6 +42,14 @@ References on the tumbling bodies (same windows as rvae3d, per body; ``--no-refe
   lies within 1 / 2 of rvae3d's posterior ``tilt_sd`` of its ``tilt`` (68 / 95 % if the spread
   is calibrated), and the median ``tilt_sd`` (deg). Reported, not tuned.
 
+End to end (``--movie RUN``): scores the ``tilt`` of a finished run's ``latents.zarr`` (the
+stage CLIs on a simulated movie with a ``body_3d`` species: simulate, ingest, segment, track,
+windows, train with ``rvae.model: rvae3d``, encode) against ``RUN/truth.parquet``: each
+encoded (particle, frame) is matched to the nearest true particle of its frame within 3 px;
+prints the median tilt error (deg), the fraction within 15 deg and, as the peer measured in
+the same run, the same figures for a constant guess (the truth's median tilt) and their ratio.
+Nothing is trained in this mode.
+
 Usage: ``python bench/orientation3d.py [--windows 1500] [--epochs 6] [--grid 1152] [--snr 5]
 [--no-asymmetric] [--no-rod] [--flat asymmetric rod] [--no-references] [--threads 1]``.
 The last line printed is one JSON object.
@@ -328,8 +336,61 @@ def run_one(kind: str, snr: float, args, refs: dict | None = None) -> dict:
     return out
 
 
+def score_movie(run) -> dict:
+    """Tilt error (deg) of a finished run's latents.zarr against its truth.parquet (see the docstring)."""
+    import sys
+    from pathlib import Path
+
+    import pandas as pd
+    import xarray as xr
+    from scipy.spatial import cKDTree
+
+    run = Path(run)
+    for need in ("latents.zarr", "truth.parquet"):
+        if not (run / need).exists():
+            print(f"orientation3d: {run / need} is missing; expected a finished run of a simulated movie",
+                  file=sys.stderr)
+            raise SystemExit(2)
+    truth = pd.read_parquet(run / "truth.parquet")
+    if "tilt" not in truth.columns:
+        print(f"orientation3d: {run / 'truth.parquet'} has no tilt column; expected a movie simulated "
+              "with a species body_3d", file=sys.stderr)
+        raise SystemExit(2)
+    lat = xr.open_zarr(run / "latents.zarr")
+    if "tilt" not in lat:
+        print(f"orientation3d: {run / 'latents.zarr'} has no tilt; expected an encode of an rvae3d model",
+              file=sys.stderr)
+        raise SystemExit(2)
+    enc = lat[["x", "y", "tilt"]].to_dataframe().reset_index().dropna(subset=["x", "y", "tilt"])
+    est, true = [], []
+    for frame, g in enc.groupby("frame"):
+        t = truth[truth.frame == frame]
+        if len(t) == 0:
+            continue
+        d, i = cKDTree(t[["x", "y"]].to_numpy()).query(g[["x", "y"]].to_numpy())
+        ok = d <= 3.0
+        est.append(g.tilt.to_numpy()[ok])
+        true.append(t.tilt.to_numpy()[i[ok]])
+    est, true = np.degrees(np.concatenate(est)), np.degrees(np.concatenate(true))
+    err = np.abs(est - true)
+    const = np.abs(np.median(true) - true)
+    return {
+        "run": str(run), "windows_encoded": int(len(enc)), "windows_matched": int(len(err)),
+        "median_tilt_error_deg": round(float(np.median(err)), 3),
+        "tilt_within_15deg": round(float(np.mean(err <= 15)), 4),
+        "constant_guess_median_tilt_error_deg": round(float(np.median(const)), 3),
+        "constant_guess_within_15deg": round(float(np.mean(const <= 15)), 4),
+        "error_ratio_vs_constant_guess": round(float(np.median(err) / max(np.median(const), 1e-9)), 4),
+        "tilt_spearman": round(float(pd.Series(est).corr(pd.Series(true), method="spearman")), 4),
+        "true_median_tilt_deg": round(float(np.median(true)), 3),
+        "target_rod_tilt_le_5deg": bool(np.median(err) <= 5),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--movie", default=None, metavar="RUN",
+                    help="score the tilt of a finished run RUN (latents.zarr, truth.parquet) and stop")
     ap.add_argument("--windows", type=int, default=1500)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--grid", type=int, default=1152)
@@ -346,6 +407,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.movie is not None:
+        res = score_movie(args.movie)
+        print(f"movie {res['run']}: {res['windows_matched']} of {res['windows_encoded']} encoded windows matched; "
+              f"median tilt error {res['median_tilt_error_deg']:.2f} deg, within 15 deg {res['tilt_within_15deg']:.3f}; "
+              f"constant guess {res['constant_guess_median_tilt_error_deg']:.2f} deg, "
+              f"{res['constant_guess_within_15deg']:.3f}; Spearman {res['tilt_spearman']:.3f}")
+        print(json.dumps({"bench": "orientation3d_movie", **res}))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
