@@ -483,9 +483,9 @@ class ClassRVAE(RVAE):
         return out
 
     def encode(self, windows, batch_size: int | None = None, device: str | torch.device = "auto",
-               method: str | None = None) -> dict[str, np.ndarray]:
+               method: str | None = None, refine: bool = False) -> dict[str, np.ndarray]:
         """As :meth:`RVAE.encode` (the pose's spreads included), plus ``cls_prob`` (n, K): the probability of every class."""
-        out = super().encode(windows, batch_size=batch_size, device=device, method=method)
+        out = super().encode(windows, batch_size=batch_size, device=device, method=method, refine=refine)
         out["cls_prob"] = self.class_probabilities(windows, batch_size=batch_size, device=device)
         return out
 
