@@ -375,7 +375,7 @@ def score_movie(run) -> dict:
     err = np.abs(est - true)
     const = np.abs(np.median(true) - true)
     return {
-        "run": str(run), "windows_encoded": int(len(enc)), "windows_matched": int(len(err)),
+        "run": str(run), "windows_encoded": len(enc), "windows_matched": len(err),
         "median_tilt_error_deg": round(float(np.median(err)), 3),
         "tilt_within_15deg": round(float(np.mean(err <= 15)), 4),
         "constant_guess_median_tilt_error_deg": round(float(np.median(const)), 3),
