@@ -208,3 +208,16 @@ def test_bad_body_3d_in_python_names_the_field():
     ]
     with pytest.raises(InputError, match=r"simulate\.species\.0\.body_3d\.tilt_concentration"):
         simulate({"species": bad, "frames": 2, "seed": 0})
+
+
+def test_projection_cannot_tell_the_mirror_pose_of_the_mirrored_body():
+    # Issue 14 Deliver 2: the chiral body at q and its mirror image (z -> -z) at so3.mirror(q)
+    # give the same window, while the body itself at so3.mirror(q) does not.
+    from rvae_tools.rvae import so3
+
+    centres, sd, amp = body_3d("asymmetric", 8.0)
+    mirrored = (centres * np.array([1.0, 1.0, -1.0]), sd, amp)
+    q = so3.random_rotations(20, np.random.default_rng(0))
+    a = project_body_3d((centres, sd, amp), q, 33)
+    assert np.allclose(a, project_body_3d(mirrored, so3.mirror(q), 33), atol=1e-5)
+    assert np.abs(a - project_body_3d((centres, sd, amp), so3.mirror(q), 33)).max() > 0.1
