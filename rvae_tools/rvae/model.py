@@ -334,6 +334,10 @@ class RVAE:
             and the refined angles of a pair agree so closely that the fitted floor shrinks
             (L windows, tests/test_rvae.py: 0.023 to 0.0026 rad) while the error against the
             truth drops less (median 1.36 to 1.10 degrees), so 68 % intervals cover 0.44.
+            On the real rotated colony of tests/test_realdata_rotated.py (3 epochs, seed 0)
+            it raised the angle's agreement with the mask ellipses from 0.955 to 0.979 (the
+            detector's image moments: 0.972) and its following of the known turn from 0.942 to
+            0.990; encode speed (default architecture, one thread) exact 1.0x, fast 0.8x.
         method : {"exact", "fast", "encoder"}, optional
             How the posterior over the equivariant encoder's discrete rotations is found
             (default: the ``encode_method`` setting). ``exact``: every one of the r rotations is
