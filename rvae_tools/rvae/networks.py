@@ -90,6 +90,15 @@ def transform_grid(grid: torch.Tensor, theta: torch.Tensor, shift: torch.Tensor,
     # layout took five times as long (a fifth of an exact encoding).
     affine = torch.stack([torch.stack([c, s, -(c * dx + s * dy)], -1),
                           torch.stack([-s, c, s * dx - c * dy], -1)], -2) * scale  # (B, m, 2, 3)
+    if torch.is_grad_enabled() and (theta.requires_grad or shift.requires_grad):
+        # Training keeps the matrix product, whose rounding the trained models (and the
+        # demo's figures) were tuned with: the broadcast sum differs in the last bit, enough
+        # to move a short training run's trajectory.
+        flat = grid.reshape(-1, 2)
+        homogeneous = torch.cat([flat, torch.ones_like(flat[:, :1])], 1).to(affine.dtype)  # (P, 3)
+        b, m = theta.shape
+        u = torch.matmul(affine.reshape(b * m, 2, 3), homogeneous.T)  # (B m, 2, P)
+        return u.transpose(1, 2).reshape(b, m, grid.shape[0], grid.shape[1], 2)
     xs = grid[0, :, 0].to(affine.dtype)   # (W,)
     ys = grid[:, 0, 1].to(affine.dtype)   # (H,)
     # Both parts contiguous (they are small), so the sum comes out contiguous as well.
