@@ -80,7 +80,7 @@ def cluster():
 
 
 def _squeue_all() -> dict[str, dict[str, str]]:
-    """Every job slurmctld still remembers (MinJobAge keeps finished ones for 5 min)."""
+    """Every job slurmctld still remembers (the test cluster's MinJobAge keeps finished ones for an hour)."""
     out = subprocess.run(
         ["squeue", "--states=all", "--noheader", "--format=%i|%T|%k"],
         capture_output=True, text=True, check=True,
