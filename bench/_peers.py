@@ -15,6 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / ".peers"
 SHIMS = ROOT / "bench" / "peer_shims"
 
+#: pyroVED and the pure-Python packages it imports (pip's --no-deps installs only what is named).
+PYROVED_PACKAGES = ["pyroved==0.3.0", "pyro-ppl", "pyro-api", "opt_einsum", "gpytorch", "linear_operator",
+                    "jaxtyping", "wadler_lindig", "mpmath"]
+#: AtomAI and what it imports beyond pyroVED's packages.
+ATOMAI_PACKAGES = ["atomai==0.8.1", "opencv-python-headless", "progressbar2", "python-utils", "mendeleev==0.6.1",
+                   "six", "sqlalchemy", "pyfiglet", "colorama"]
+
 
 def ensure_peers(packages: list[str], imports: str) -> str | None:
     """Install ``packages`` into .peers unless ``imports`` (e.g. "pyroved.models") already works.

@@ -48,20 +48,10 @@ import time
 import traceback
 
 import numpy as np
-from _peers import PEERS, SHIMS
+from _peers import PEERS, PYROVED_PACKAGES, SHIMS
 from _peers import ensure_peers as install_peers
 
-PEER_PACKAGES = [
-    "pyroved==0.3.0",
-    "pyro-ppl",
-    "pyro-api",
-    "opt_einsum",
-    "gpytorch",
-    "linear_operator",
-    "jaxtyping",
-    "wadler_lindig",
-    "mpmath",
-]
+PEER_PACKAGES = PYROVED_PACKAGES
 #: ``--quick``: the reduced run, three angles and pyroVED at the widest only (estimated from the
 #: 28-min run's throughputs: about 12 min at --threads 1 on an idle core); options given on the
 #: command line still win.

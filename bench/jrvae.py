@@ -43,30 +43,11 @@ import traceback
 from pathlib import Path
 
 import numpy as np
-from _peers import PEERS, SHIMS
+from _peers import ATOMAI_PACKAGES, PEERS, PYROVED_PACKAGES, SHIMS
 from _peers import ensure_peers as install_peers
 from conditional import run_chain, true_particles
 
-PEER_PACKAGES = [
-    "atomai==0.8.1",
-    "pyroved==0.3.0",
-    "pyro-ppl",
-    "pyro-api",
-    "opt_einsum",
-    "gpytorch",
-    "linear_operator",
-    "jaxtyping",
-    "wadler_lindig",
-    "mpmath",
-    "opencv-python-headless",
-    "progressbar2",
-    "python-utils",
-    "mendeleev==0.6.1",
-    "six",
-    "sqlalchemy",
-    "pyfiglet",
-    "colorama",
-]
+PEER_PACKAGES = [*ATOMAI_PACKAGES, *PYROVED_PACKAGES]
 
 
 def best_accuracy(found: np.ndarray, truth: np.ndarray) -> float:

@@ -42,14 +42,10 @@ import time
 import traceback
 
 import numpy as np
-from _peers import PEERS, SHIMS
+from _peers import ATOMAI_PACKAGES, PEERS, PYROVED_PACKAGES, SHIMS
 from _peers import ensure_peers as install_peers
 
-PEER_PACKAGES = ["atomai==0.8.1", "pyroved==0.3.0"]
-# What the two peers import (checked by importing them); all pure Python or self-contained wheels.
-PEER_DEPENDENCIES = ["pyro-ppl", "pyro-api", "opt_einsum", "gpytorch", "linear_operator", "jaxtyping",
-                     "wadler_lindig", "mpmath", "opencv-python-headless", "progressbar2", "python-utils",
-                     "mendeleev==0.6.1", "six", "sqlalchemy", "pyfiglet", "colorama"]
+PEER_PACKAGES = [*ATOMAI_PACKAGES, *PYROVED_PACKAGES]
 
 
 # --------------------------------------------------------------------------- data
@@ -248,7 +244,7 @@ def run_atomai(data, train_idx, args) -> dict:
 
 def ensure_peers() -> str | None:
     """Install the peers into .peers when absent; None when importable, else the reason."""
-    return install_peers([*PEER_PACKAGES, *PEER_DEPENDENCIES], "pyroved.models, atomai.models")
+    return install_peers(PEER_PACKAGES, "pyroved.models, atomai.models")
 
 
 # --------------------------------------------------------------------------- main
