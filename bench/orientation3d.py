@@ -327,7 +327,7 @@ def run_one(kind: str, snr: float, args, refs: dict | None = None) -> dict:
         out["median_tilt_error_best_axis_deg"] = round(math.degrees(best_err), 2)
         out["body_axis_to_best_axis_deg"] = round(math.degrees(math.acos(min(1.0, abs(float(model.body_axis() @ best))))), 2)
     rec = model.decode(enc["z"], enc["quaternion"], enc["dx"], enc["dy"]) + enc["background"][:, None, None]
-    out["reconstruction_rmse_vs_clean"] = round(float(np.sqrt(np.mean((rec - clean[:m]) ** 2)) / sd), 3)
+    out["reconstruction_rmse_vs_clean"] = rmse_vs_clean(rec, clean[:m], sd)
     out.update(tilt_coverage(so3.tilt(q[:m], BODY_AXIS_3D), enc["tilt"], enc["tilt_sd"]) if kind == "rod" else {})
     if refs is not None:
         ours = out["reconstruction_rmse_vs_clean"]

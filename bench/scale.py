@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from _workflow import SMALL_CONFIG, run_snakemake, tool_env, write_config
 
-from rvae_tools.config import deep_merge, validate_config
+from rvae_tools.config import validate_config
 
 BASES = {"demo": REPO / "config" / "config.yaml", "small": SMALL_CONFIG}
 
@@ -240,11 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     base_path = BASES[args.base]
     base = validate_config(yaml.safe_load(base_path.read_text()), source=str(base_path))
     base = resized_base(base, args.size, args.frames)
-    resized = {
-        "simulate": {
-            key: base["simulate"][key] for key in ("frames", "n_particles", "height", "width")
-        }
-    }
     out_root = REPO / "bench" / "out"
     out_root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="scale-", dir=out_root))
@@ -252,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     try:
         for factor in args.factors:
-            overrides = deep_merge(resized, scaled_overrides(base, factor))
+            overrides = scaled_overrides(base, factor)
             folder = workdir / f"x{factor:g}"
             folder.mkdir()
             config = write_config(folder / "config.yaml", overrides, base=base_path)

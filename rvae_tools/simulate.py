@@ -198,25 +198,22 @@ _BODY3D_SHAPE = {"rod": "rod", "asymmetric": "tadpole"}
 
 
 def _body3d_from_settings(entry: Any, k: int, shape: str, length: float) -> dict[str, Any] | None:
-    """Checked ``species[k].body_3d`` option (None when the species stays flat)."""
+    """Checked ``species[k].body_3d`` option (None when the species stays flat).
+
+    The schema has already checked its keys, ``kind`` and the signs; what it cannot say is
+    left here: the kind must match the shape, and NaN passes a JSON-schema minimum.
+    """
     if entry is None:
         return None
     field_ = f"simulate.species.{k}.body_3d"
-    if not isinstance(entry, dict):
-        raise InputError(f"{field_}: {entry!r}; expected a mapping with kind, tilt_concentration, tilt_diffusion")
-    for key in ("kind", "tilt_concentration", "tilt_diffusion"):
-        if key not in entry:
-            raise InputError(f"{field_}.{key}: missing; expected it to be given (no default)")
     kind = entry["kind"]
-    if kind not in _BODY3D_SHAPE:
-        raise InputError(f"{field_}.kind: {kind!r}; expected one of {', '.join(_BODY3D_SHAPE)}")
     if _BODY3D_SHAPE[kind] != shape:
         raise InputError(f"{field_}.kind: {kind!r} does not match shape {shape!r}; expected shape "
                          f"{_BODY3D_SHAPE[kind]!r} (same in-plane symmetry)")
     out = {"kind": str(kind), "half_length": length / 2}
     for key in ("tilt_concentration", "tilt_diffusion"):
         v = entry[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        if not math.isfinite(v):
             raise InputError(f"{field_}.{key}: {v!r}; expected a finite number > 0")
         out[key] = float(v)
     return out
