@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("rvae_tools.inspect", "measure a movie's particles (polarity, size, density, SNR, drift) and suggest settings"),
     "train-segmenter": ("rvae_tools.segment", "train the U-Net segmenter (simulated frames, annotations or pseudo-labels)"),
     "segment": ("rvae_tools.segment", "detect particles in every frame -> detections.parquet"),
+    "segment-gather": ("rvae_tools.segment", "join frame chunks of segment --frames -> detections.parquet"),
     "track": ("rvae_tools.track", "link detections into trajectories -> tracks.parquet"),
     "windows": ("rvae_tools.windows", "cut a window around every tracked detection -> patches.zarr"),
     "checkpoint-folder": ("rvae_tools.train", "create the rVAE trainer's checkpoint folder (a workflow output)"),

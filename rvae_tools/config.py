@@ -274,6 +274,24 @@ def _movie_shape(config: dict[str, Any], name: str, where: str) -> tuple[int, in
     return tuple(int(v) for v in info["shape"])
 
 
+#: Keys of a stage's section that only say how the workflow splits the stage into jobs (the
+#: numbers do not depend on them): the stage's command never sees them, so they are neither
+#: in its provenance (``config_hash``) nor a reason for Snakemake to rerun it.
+WORKFLOW_ONLY_KEYS: dict[str, tuple[str, ...]] = {"segment": ("frame_chunk",)}
+
+
+def without_workflow_keys(section: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` of ``section`` without its :data:`WORKFLOW_ONLY_KEYS`."""
+    drop = WORKFLOW_ONLY_KEYS.get(section, ())
+    return {k: v for k, v in settings.items() if k not in drop}
+
+
+def movie_frames(config: dict[str, Any], name: str, source: str = "config") -> int:
+    """Frames of a movie as ingest will store them (the simulator's ``frames``, or the file's
+    header with the movie's reader options such as its frame range; no pixels are read)."""
+    return int(_movie_shape(config, name, f"{source}: movies.{name}")[0])
+
+
 def check_device(device: str, source: str = "config") -> None:
     """Raise :class:`InputError` when ``device`` (cuda, cuda:N, mps) does not exist here."""
     if device in ("auto", "cpu"):
@@ -486,4 +504,4 @@ def settings_from_args(args: argparse.Namespace, section: str) -> dict[str, Any]
 
     inspection = read_inspection(args.inspect) if getattr(args, "inspect", None) else None
     settings, _ = resolve_settings(section, settings, inspection)
-    return settings
+    return without_workflow_keys(section, settings)

@@ -99,6 +99,7 @@ def _hostile_config(work: Path) -> dict:
         "sim": {"simulate": {}},  # simulate, segmenter training on the movie's simulator
         "ckpt": {"simulate": {}, "segment": {"checkpoint": str(checkpoint.relative_to(work))}},
         "loc": {"simulate": {}, "segment": {"method": "locate"}},  # segment_locate
+        "chunked": {"simulate": {}, "segment": {"frame_chunk": 2}},  # segment_chunk x 2, segment_gather
     }
     return config
 
@@ -182,7 +183,7 @@ def test_hostile_config_values_never_reach_the_shell_unquoted(tmp_path):
         received.setdefault(rule, set()).update(strings)
 
     # The hostile strings arrived intact, as single arguments or inside the settings JSON.
-    for rule in ("ingest", "simulate", "train_segmenter", "segment", "segment_locate", "dynamics"):
+    for rule in ("ingest", "simulate", "train_segmenter", "segment", "segment_locate", "segment_chunk", "dynamics"):
         assert HOSTILE in received[rule] or f"{HOSTILE}.npz" in received[rule] or f"{HOSTILE}.pt" in received[rule], rule
     assert f"{HOSTILE}.npz" in received["ingest"]
     assert f"{HOSTILE}.pt" in received["segment"]

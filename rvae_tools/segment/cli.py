@@ -80,19 +80,36 @@ def configure_segment(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probability", help="also write the foreground probability map here (Zarr; unet only)")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cuda, mps or cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--frames", type=int, nargs=2, metavar=("START", "STOP"),
+                        help="segment only frames START..STOP-1 (numbered as in the whole movie; a workflow "
+                             "chunk, joined by segment-gather)")
     add_settings_arguments(parser, "segment")
+
+
+def _frame_range(frames: list[int] | None, n: int, path: str) -> tuple[int, int]:
+    """The frame range [start, stop) asked for with --frames, checked against the movie's n frames."""
+    if frames is None:
+        return 0, n
+    start, stop = frames
+    if not 0 <= start < stop <= n:
+        raise InputError(f"--frames: {start} {stop} is not a frame range of {path} ({n} frames); "
+                         f"expected 0 <= START < STOP <= {n}")
+    return start, stop
 
 
 def run_segment(args: argparse.Namespace) -> int:
     from ..io import open_zarr
     from ..provenance import provenance_attrs
 
+    # settings_from_args drops segment.frame_chunk (how the workflow splits the movie, not what
+    # is computed): a chunk and the whole movie get one config_hash; the range is recorded below.
     settings = settings_from_args(args, "segment")
     _set_threads(args.threads)
     ds = open_zarr(args.input, required=["image"], what="movie store")
     image = ds["image"]
     if image.ndim != 3:
         raise InputError(f"{args.input}: image has dims {image.dims}; expected (frame, y, x)")
+    start, stop = _frame_range(args.frames, int(image.shape[0]), args.input)
     model = config = device = None
     checksum = None
     checkpoint = args.checkpoint or settings["checkpoint"]
@@ -105,28 +122,57 @@ def run_segment(args: argparse.Namespace) -> int:
         device = select_device(args.device)
     if args.probability and settings["method"] != "unet":
         raise InputError("--probability: only method unet produces a probability map")
-    n = image.shape[0]
+    n = stop - start
     prov = provenance_attrs(settings=settings, seed=settings["seed"], model_checksum=checksum, stage="segment",
                             inputs={"movie": str(args.input), "checkpoint": str(checkpoint) if checkpoint else None,
                                     "inspect": str(args.inspect) if args.inspect else None})
-    frames = image.data  # dask or numpy; indexed one frame at a time
-    start = time.perf_counter()
+    frames = image.data[start:stop]  # dask or numpy; indexed one frame at a time
+    # A chunk records where it lies, so segment-gather can check the chunks tile the movie.
+    chunk = {} if args.frames is None else {"frame_range": [start, stop], "movie_frames": int(image.shape[0])}
+    t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         # Both outputs are written a chunk of frames at a time: memory stays flat with the movie.
         sink = None
         if args.probability:
             units = {k: ds.attrs[k] for k in ("pixel_size", "pixel_unit", "frame_interval") if k in ds.attrs}
-            sink = stack.enter_context(ProbabilityStore(args.probability, dict(units, **prov)))
+            sink = stack.enter_context(ProbabilityStore(args.probability, dict(units, **prov, **chunk)))
         table = stack.enter_context(DetectionStore(args.output, DETECTION_COLUMNS, empty_detections()))
         segment_movie(frames, settings, model=model, model_config=config, device=device,
-                      probability_sink=sink, detections_sink=table, progress=True)
-        seconds = time.perf_counter() - start
+                      probability_sink=sink, detections_sink=table, progress=True, first_frame=start)
+        seconds = time.perf_counter() - t0
         table.finish(dict(prov, method=settings["method"], frames=int(n), seconds=seconds,
-                          class_names=(config or {}).get("class_names", ["particle"])))
+                          class_names=(config or {}).get("class_names", ["particle"]), **chunk))
     count = table.rows
     log.info("%d detections in %d frames (%.1f per frame) in %.1f s (%.1f frames/s) with %s",
              count, n, count / max(n, 1), seconds, n / max(seconds, 1e-9), settings["method"])
     return 0
 
 
-COMMANDS = {"train-segmenter": (configure_train, run_train), "segment": (configure_segment, run_segment)}
+def configure_gather(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, help="detections table to write (.parquet)")
+    parser.add_argument("--parts", nargs="+", required=True,
+                        help="the chunks' detections tables (segment --frames), together covering every frame once")
+    parser.add_argument("--probability", help="also join the chunks' probability maps into this Zarr store")
+    parser.add_argument("--probability-parts", nargs="+", default=[],
+                        help="the chunks' probability maps (Zarr), one per --parts table")
+
+
+def run_gather(args: argparse.Namespace) -> int:
+    from .store import gather_detections, gather_probability
+
+    if bool(args.probability) != bool(args.probability_parts):
+        raise InputError("--probability and --probability-parts go together (the joined map and its parts)")
+    start = time.perf_counter()
+    chunks = gather_detections(args.parts, args.output)
+    if args.probability:
+        gather_probability(args.probability_parts, args.probability, chunks)
+    log.info("joined %d chunks (%s) into %s in %.1f s", len(chunks),
+             ", ".join(f"{a}-{b - 1}" for a, b in chunks), args.output, time.perf_counter() - start)
+    return 0
+
+
+COMMANDS = {
+    "train-segmenter": (configure_train, run_train),
+    "segment": (configure_segment, run_segment),
+    "segment-gather": (configure_gather, run_gather),
+}

@@ -35,6 +35,7 @@ def segment_movie(
     probability_sink: Callable[[int, np.ndarray], None] | None = None,
     detections_sink: Callable[[pd.DataFrame], None] | None = None,
     progress: bool = False,
+    first_frame: int = 0,
 ) -> tuple[pd.DataFrame, np.ndarray | None]:
     """Detect particles in every frame.
 
@@ -52,16 +53,21 @@ def segment_movie(
     keep_probability : bool
         Also return the foreground probability (frame, y, x) float32 (the whole movie in
         memory; for small movies and tests).
-    probability_sink : callable(frame, probability), optional
+    probability_sink : callable(position, probability), optional
         Called with each frame's foreground probability (y, x) float32 as soon as it is
         computed, so a caller can write the map frame by frame and memory stays flat with
-        the movie's length (``unet`` only).
+        the movie's length (``unet`` only). ``position`` counts the frames given from 0.
     detections_sink : callable(detections), optional
         Called with each frame's detections (a non-empty table) instead of collecting them,
         so memory does not grow with the number of detections; the returned table is then
         empty (:class:`rvae_tools.segment.store.DetectionStore` writes them to Parquet).
     progress : bool
         Progress bar on stderr.
+    first_frame : int
+        Frame number of ``frames[0]`` in the whole movie, written into the ``frame`` column
+        and the warnings, so that a frame range segmented on its own (a workflow chunk)
+        gives the rows the whole movie gives for those frames. Every step is per frame
+        (normalisation, threshold, blobs), so nothing else depends on the range.
 
     Returns
     -------
@@ -87,18 +93,19 @@ def segment_movie(
             frame = np.asarray(frames[i], np.float32) if not isinstance(frames, np.ndarray) else frames[i]
             finite = np.isfinite(frame)
             if not finite.any() or np.nanmax(frame) == np.nanmin(frame):
-                _frame_warning(i, "blank, constant or all-NaN frame")
+                _frame_warning(first_frame + i, "blank, constant or all-NaN frame")
                 continue
+            number = first_frame + i
             if method == "classical":
-                found = classical_frame(frame, settings["classical"], invert=bool(settings["invert"]), index=i)
+                found = classical_frame(frame, settings["classical"], invert=bool(settings["invert"]), index=number)
             else:
-                found = locate_frame(frame, settings["locate"], invert=bool(settings["invert"]), index=i)
+                found = locate_frame(frame, settings["locate"], invert=bool(settings["invert"]), index=number)
             if method == "locate" and pp["edge"] > 0 and len(found):
                 h, w = frame.shape
                 e = pp["edge"]
                 found = found[(found.x >= e) & (found.x <= w - 1 - e) & (found.y >= e) & (found.y <= h - 1 - e)]
             if len(found) == 0:
-                _frame_warning(i, "no particles found")
+                _frame_warning(number, "no particles found")
             _keep(tables, found, detections_sink)
     else:
         from ..device import select_device
@@ -123,19 +130,19 @@ def segment_movie(
             if probability_sink is not None:
                 probability_sink(i, fg)
             if not usable:
-                _frame_warning(i, "blank, constant or all-NaN frame")
+                _frame_warning(first_frame + i, "blank, constant or all-NaN frame")
                 continue
             found = blobs_to_detections(
                 fg, threshold=pp["threshold"], min_area=pp["min_area"], max_area=pp["max_area"], edge=pp["edge"],
                 split=pp["split"], split_h=pp["split_h"], split_area=pp["split_area"],
-                min_distance=pp["min_distance"], border_fraction=pp["border_fraction"], class_prob=prob[1:], frame=i,
+                min_distance=pp["min_distance"], border_fraction=pp["border_fraction"], class_prob=prob[1:], frame=first_frame + i,
             )
             if core:
                 # Cores are shrunken footprints; report the footprint's area.
                 found["core_area"] = found["area"]
                 found["area"] = found["area"] / core**2
             if len(found) == 0:
-                _frame_warning(i, "no particles found")
+                _frame_warning(first_frame + i, "no particles found")
             _keep(tables, found, detections_sink)
     if detections_sink is not None:
         return empty_detections(), prob_out

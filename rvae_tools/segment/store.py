@@ -174,3 +174,129 @@ class DetectionStore:
         if self._writer is not None:
             self._writer.close()
         return bool(self._stack.__exit__(exc_type, exc, tb))
+
+
+def _part_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``rvae_tools`` footer of a chunk's detections table (written by ``segment --frames``)."""
+    import pyarrow.parquet as pq
+
+    from ..errors import InputError
+
+    try:
+        footer = pq.read_metadata(path).metadata or {}
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable Parquet table ({exc}); expected a chunk of segment --frames") from None
+    meta = json.loads(footer.get(b"rvae_tools", b"{}"))
+    if not isinstance(meta.get("frame_range"), list) or "movie_frames" not in meta:
+        raise InputError(f"{path}: no frame_range/movie_frames in its rvae_tools metadata; expected a "
+                         "detections table written by rvae-tools segment --frames START STOP")
+    return meta
+
+
+#: Footer keys that must agree between the chunks of one movie (same settings, model, code).
+_SAME_IN_EVERY_CHUNK = ("config_hash", "model_checksum", "method", "rvae_tools_version", "git_commit", "movie_frames")
+
+
+def gather_detections(parts: list[str | os.PathLike], output: str | os.PathLike) -> list[tuple[int, int]]:
+    """Join the detections tables of frame chunks into the table the whole movie gives.
+
+    Rows are copied in frame order a row group at a time (memory holds one row group), into
+    a :class:`DetectionStore`, as ``segment`` writes them; the footer is the chunks' with
+    ``frames`` the whole movie's, ``seconds`` their sum and ``frame_chunks`` the ranges.
+
+    Parameters
+    ----------
+    parts : list of path-like
+        Detections tables of ``rvae-tools segment --frames START STOP``, in any order; their
+        frame ranges must cover the movie's frames once, without gap or overlap.
+    output : path-like
+        The joined table (.parquet), written at a temporary path and renamed into place.
+
+    Returns
+    -------
+    list of (start, stop)
+        The chunks' frame ranges in order (frames start..stop-1).
+
+    Raises
+    ------
+    InputError
+        A part that is not a chunk, chunks of different settings, models or movies, or
+        ranges with a gap or an overlap.
+    """
+    import pyarrow.parquet as pq
+
+    from ..errors import InputError
+    from .postprocess import DETECTION_COLUMNS, empty_detections
+
+    metas = sorted(((_part_metadata(p), str(p)) for p in parts), key=lambda item: item[0]["frame_range"][0])
+    first, first_path = metas[0]
+    for meta, path in metas[1:]:
+        for key in _SAME_IN_EVERY_CHUNK:
+            if meta.get(key) != first.get(key):
+                raise InputError(f"{path}: {key} {meta.get(key)!r} differs from {first_path}'s {first.get(key)!r}; "
+                                 "expected chunks of one movie segmented with one config and model")
+    chunks = [tuple(int(v) for v in meta["frame_range"]) for meta, _ in metas]
+    expected = 0
+    for (start, stop), (_, path) in zip(chunks, metas):
+        if start != expected:
+            raise InputError(f"{path}: frame_range starts at {start}; expected {expected} "
+                             f"({'an overlap' if start < expected else 'a gap'} between the chunks)")
+        expected = stop
+    total = int(first["movie_frames"])
+    if expected != total:
+        raise InputError(f"--parts: the chunks end at frame {expected}; expected {total} (the movie's frames): a chunk is missing")
+    footer = {k: v for k, v in first.items() if k not in ("frame_range", "movie_frames")}
+    footer.update(frames=total, seconds=sum(float(m.get("seconds", 0.0)) for m, _ in metas),
+                  frame_chunks=[list(c) for c in chunks])
+    with DetectionStore(output, DETECTION_COLUMNS, empty_detections()) as table:
+        for _, path in metas:
+            reader = pq.ParquetFile(path)
+            for group in range(reader.num_row_groups):
+                df = reader.read_row_group(group).to_pandas()
+                if len(df):  # an empty chunk holds only the contract's empty table
+                    table(df)
+        table.finish(footer)
+    return chunks
+
+
+def gather_probability(parts: list[str | os.PathLike], output: str | os.PathLike,
+                       chunks: list[tuple[int, int]]) -> None:
+    """Join the probability maps of frame chunks into the map the whole movie gives.
+
+    Copied frame by frame into a :class:`ProbabilityStore` (same chunks, attributes and NGFF
+    metadata as ``segment`` writes), with ``frame_chunks`` added to the attributes.
+
+    Parameters
+    ----------
+    parts : list of path-like
+        ``probability.zarr`` stores of ``segment --frames``, in any order.
+    output : path-like
+        The joined store.
+    chunks : list of (start, stop)
+        The frame ranges the detections tables covered (:func:`gather_detections`); the
+        maps must cover exactly these.
+    """
+    from ..errors import InputError
+    from ..io import open_zarr
+
+    stores = []
+    for path in parts:
+        attrs = dict(open_zarr(path, required=["probability"], what="probability map").attrs)
+        if not isinstance(attrs.get("frame_range"), list):
+            raise InputError(f"{path}: no frame_range attribute; expected a probability map of segment --frames")
+        stores.append((tuple(int(v) for v in attrs["frame_range"]), str(path), attrs))
+    stores.sort()
+    if [s[0] for s in stores] != list(chunks):
+        raise InputError(f"--probability-parts: frame ranges {[list(s[0]) for s in stores]}; expected "
+                         f"{[list(c) for c in chunks]} (those of --parts)")
+    attrs = {k: v for k, v in stores[0][2].items() if k not in ("frame_range", "movie_frames", "ome", "multiscales")}
+    attrs["frame_chunks"] = [list(c) for c in chunks]
+    with ProbabilityStore(output, attrs) as sink:
+        position = 0
+        for (start, stop), path, _ in stores:
+            part = open_zarr(path, required=["probability"], what="probability map")["probability"]
+            if part.shape[0] != stop - start:
+                raise InputError(f"{path}: {part.shape[0]} frames; expected {stop - start} (frames {start}..{stop - 1})")
+            for i in range(part.shape[0]):
+                sink(position, part[i].values)
+                position += 1

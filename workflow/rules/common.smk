@@ -6,7 +6,7 @@ import re
 import shlex
 import sys
 
-from rvae_tools.config import check_config, class_movies, labelled_model, movie_entry, read_config_file, stage_settings, validate_config
+from rvae_tools.config import check_config, class_movies, labelled_model, movie_entry, movie_frames, read_config_file, stage_settings, validate_config, without_workflow_keys
 from rvae_tools.errors import InputError
 
 
@@ -41,10 +41,12 @@ SIMULATED = [name for name in MOVIES if "simulate" in config["movies"][name]]
 
 
 def settings(section):
-    """params: function giving a stage the JSON of its settings for this movie."""
+    """params: function giving a stage the JSON of its settings for this movie (without the
+    keys that only say how the workflow splits the stage into jobs, such as segment.frame_chunk:
+    switching chunking on must not rerun the stage's other rules)."""
 
     def _settings(wildcards):
-        return json.dumps(stage_settings(config, section, wildcards.movie), sort_keys=True)
+        return json.dumps(without_workflow_keys(section, stage_settings(config, section, wildcards.movie)), sort_keys=True)
 
     return _settings
 
@@ -160,6 +162,57 @@ SEGMENT_CLASSICAL = [m for m in MOVIES if _segment_method(m) == "classical"]
 SEGMENT_TRAIN = [m for m in SEGMENT_UNET if not _segment_settings(m)["checkpoint"]]
 
 
+def _frame_chunk(movie):
+    return int(_segment_settings(movie)["frame_chunk"] or 0)
+
+
+#: U-Net movies segmented in frame chunks (segment.frame_chunk > 0): one `segment_chunk` job
+#: per chunk, which a cluster runs in parallel, joined by `segment_gather`; the others in one
+#: `segment` job.
+SEGMENT_CHUNKED = [m for m in SEGMENT_UNET if _frame_chunk(m) > 0]
+SEGMENT_WHOLE = [m for m in SEGMENT_UNET if m not in SEGMENT_CHUNKED]
+
+
+def frame_chunks(movie):
+    """[(start, stop), ...]: the movie's frames in runs of segment.frame_chunk (the last one
+    shorter). The frame count comes from the simulator's settings or the file's header, so the
+    chunks are known when the workflow starts, before ingest."""
+    n, size = movie_frames(config, movie), _frame_chunk(movie)
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _chunk_range(wildcards):
+    chunks = frame_chunks(wildcards.movie)
+    index = int(wildcards.chunk)
+    if index >= len(chunks):
+        raise ValueError(f"movie {wildcards.movie} has {len(chunks)} frame chunks; there is no chunk {index}")
+    return chunks[index]
+
+
+def segment_chunk_frames(wildcards):
+    """--frames START STOP of one chunk (quoted for the shell)."""
+    return shlex.join(str(v) for v in _chunk_range(wildcards))
+
+
+def segment_chunk_parts(wildcards):
+    """The detections tables and probability maps of all of a movie's chunks, in frame order."""
+    base = f"{RESULTS}/{wildcards.movie}/segment_chunks"
+    chunks = range(len(frame_chunks(wildcards.movie)))
+    return {"detections": [f"{base}/{i}.detections.parquet" for i in chunks],
+            "probability": [f"{base}/{i}.probability.zarr" for i in chunks]}
+
+
+def chunk_runtime(base, per_input_mb):
+    """resources: minutes for one chunk, the movie's share of runtime_from_input(base, per_input_mb)."""
+
+    def _runtime(wildcards, input):
+        start, stop = _chunk_range(wildcards)
+        share = (stop - start) / movie_frames(config, wildcards.movie)
+        return int(base + per_input_mb * share * input_mb(_sized_inputs(input, None)))
+
+    return _runtime
+
+
 def inspect_input(wildcards):
     """A user movie's stages read its inspect.json (settings left at `auto`); a simulated one has none."""
     if wildcards.movie in SIMULATED:
@@ -177,7 +230,7 @@ def inspect_args(wildcards):
 
 def inspect_settings(wildcards):
     """The sections whose `auto` values the inspection decides, as the inspect rule records them."""
-    return json.dumps({section: stage_settings(config, section, wildcards.movie)
+    return json.dumps({section: without_workflow_keys(section, stage_settings(config, section, wildcards.movie))
                        for section in ("segment", "track", "windows")}, sort_keys=True)
 
 

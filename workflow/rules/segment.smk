@@ -7,7 +7,8 @@
 #
 # Which rule makes a movie's detections is decided by its `segment.method` (auto = unet for a
 # simulated movie, classical for a user movie): unet through `segment` (detections +
-# probability map), classical through `segment_classical`, locate through `segment_locate`.
+# probability map; with segment.frame_chunk, `segment_chunk` jobs joined by `segment_gather`),
+# classical through `segment_classical`, locate through `segment_locate`.
 # A unet movie without `segment.checkpoint` gets its own network from `train_segmenter`
 # (trained on the movie's own simulator settings, or, for a user movie, self-trained on the
 # classical detector's regions in the movie itself); with a checkpoint the training is skipped.
@@ -82,7 +83,7 @@ rule segment:
         detections=f"{RESULTS}/{{movie}}/detections.parquet",
         probability=directory(f"{RESULTS}/{{movie}}/probability.zarr"),
     wildcard_constraints:
-        movie=_movie_pattern(SEGMENT_UNET),
+        movie=_movie_pattern(SEGMENT_WHOLE),
     params:
         settings=settings("segment"),
         inspect=inspect_args,
@@ -101,6 +102,69 @@ rule segment:
         "rvae-tools segment {input.movie:q} -o {output.detections:q} --checkpoint {input.checkpoint:q} "
         "--probability {output.probability:q} --device {params.device:q} --threads {threads} "
         "--settings {params.settings:q} {params.inspect} > {log:q} 2>&1"
+
+
+# A movie with segment.frame_chunk: N is segmented N frames per job (`segment_chunk`, one job
+# per chunk; a cluster runs them side by side), and `segment_gather` joins the chunks into the
+# same detections.parquet and probability.zarr that `segment` writes, bit-identical: every
+# step is per frame (normalisation, network, threshold, blobs), and the inspection of a user
+# movie is the earlier `inspect` job. The chunks get `segment`'s threads: torch's CPU
+# convolutions round differently with another thread count.
+rule segment_chunk:
+    """Detect particles with the U-Net in one chunk of frames: its rows of detections.parquet and frames of probability.zarr."""
+    input:
+        unpack(inspect_input),
+        movie=f"{RESULTS}/{{movie}}/movie.zarr",
+        checkpoint=segmenter_checkpoint,
+    output:
+        detections=temp(f"{RESULTS}/{{movie}}/segment_chunks/{{chunk}}.detections.parquet"),
+        probability=temp(directory(f"{RESULTS}/{{movie}}/segment_chunks/{{chunk}}.probability.zarr")),
+    wildcard_constraints:
+        movie=_movie_pattern(SEGMENT_CHUNKED),
+        chunk=r"\d+",
+    params:
+        settings=settings("segment"),
+        inspect=inspect_args,
+        device=config["device"],
+        frames=segment_chunk_frames,
+    log:
+        f"{RESULTS}/logs/segment_chunk/{{movie}}/{{chunk}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/segment_chunk/{{movie}}/{{chunk}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=mem_mb_from_input(2000, 6),
+        runtime=chunk_runtime(10, 1),
+    conda:
+        "../envs/segment.yaml"
+    shell:
+        "rvae-tools segment {input.movie:q} -o {output.detections:q} --checkpoint {input.checkpoint:q} "
+        "--probability {output.probability:q} --frames {params.frames} --device {params.device:q} "
+        "--threads {threads} --settings {params.settings:q} {params.inspect} > {log:q} 2>&1"
+
+
+rule segment_gather:
+    """Join a movie's frame chunks into detections.parquet and probability.zarr, as one segment job writes them."""
+    input:
+        unpack(segment_chunk_parts),
+    output:
+        detections=f"{RESULTS}/{{movie}}/detections.parquet",
+        probability=directory(f"{RESULTS}/{{movie}}/probability.zarr"),
+    wildcard_constraints:
+        movie=_movie_pattern(SEGMENT_CHUNKED),
+    log:
+        f"{RESULTS}/logs/segment_gather/{{movie}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/segment_gather/{{movie}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=runtime_from_input(10, 0.05),
+    conda:
+        "../envs/segment.yaml"
+    shell:
+        "rvae-tools segment-gather -o {output.detections:q} --parts {input.detections:q} "
+        "--probability {output.probability:q} --probability-parts {input.probability:q} > {log:q} 2>&1"
 
 
 rule segment_locate:
