@@ -13,15 +13,20 @@ import re
 import shutil
 import subprocess
 import time
+from datetime import datetime
+from pathlib import Path
 
 import pytest
+import yaml
 from _workflow import (
     REPO,
+    SMALL_CONFIG,
     compare_results,
     planned_jobs,
     run_snakemake,
     shared_small_config,
     shared_small_run,
+    write_config,
 )
 
 SCRIPT = REPO / "scripts" / "local-slurm.sh"
@@ -187,3 +192,89 @@ def test_cluster_hands_out_gpus(cluster):
     )
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^GPUS=\d", proc.stdout, re.MULTILINE), proc.stdout
+
+
+def _job_times(jobid: str) -> tuple[datetime, datetime]:
+    """SLURM's start and end time of a finished job (scontrol, second resolution)."""
+    details = _job_details(jobid)
+    start, end = (re.search(rf"\b{key}=(\S+)", details).group(1) for key in ("StartTime", "EndTime"))
+    return datetime.fromisoformat(start), datetime.fromisoformat(end)
+
+
+def _fresh_segment_outputs(source: Path, dest: Path) -> None:
+    """A copy of a finished run's results/ (times kept, so Snakemake sees it up to date)
+    without the segment stage's outputs: a run asking for them runs only that stage."""
+    shutil.copytree(source / "results", dest / "results", symlinks=True)
+    (dest / "results" / "demo" / "detections.parquet").unlink()
+    shutil.rmtree(dest / "results" / "demo" / "probability.zarr")
+
+
+def test_frame_chunks_run_side_by_side_under_slurm_and_equal_one_segment_job(cluster, tmp_path, tmp_path_factory):
+    """segment.frame_chunk: the chunks of one movie are separate SLURM jobs that run at the same
+    time, and what segment_gather joins equals one unsplit segment job, bit for bit."""
+    import numpy as np
+    import pandas as pd
+    import xarray as xr
+
+    local_dir = shared_small_run(tmp_path_factory)  # the movie and its segmenter, made once
+    frames = yaml.safe_load(SMALL_CONFIG.read_text())["simulate"]["frames"]
+    chunk = 5
+    expected_chunks = -(-frames // chunk)
+    assert expected_chunks >= 2
+    config = write_config(tmp_path / "chunked.yaml", {"segment": {"frame_chunk": chunk}})
+    targets = ["results/demo/detections.parquet", "results/demo/probability.zarr"]
+    plan = [job for job in planned_jobs(tmp_path / "plan", config, *targets) if not job["local"]]
+
+    # One thread per chunk, so that two chunks fit on a 2-core test node at once. The unsplit
+    # job below gets one thread too: torch's convolutions round differently with another count.
+    slurm_dir = tmp_path / "slurm"
+    _fresh_segment_outputs(local_dir, slurm_dir)
+    t0 = time.monotonic()
+    proc = run_snakemake(
+        slurm_dir, config,
+        "--workflow-profile", str(SLURM_PROFILE), *targets,
+        "--jobs", "4",
+        *_fit_to_node(plan),
+        "--set-threads", "segment_chunk=1",
+        "--slurm-init-seconds-before-status-checks", "2",
+        "--slurm-keep-successful-logs",
+        timeout=900,
+    )
+    t_slurm = time.monotonic() - t0
+    output = proc.stdout + proc.stderr
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", output)
+    rules = {jobid: re.search(r"/rule_(\w+)/", log).group(1) for jobid, log in submitted}
+    assert sorted(rules.values()) == ["segment_chunk"] * expected_chunks + ["segment_gather"], rules
+
+    known = _squeue_all()
+    times = {}
+    for jobid, rule in rules.items():
+        assert known.get(jobid, {}).get("state") == "COMPLETED", f"SLURM job {jobid} ({rule}): {known.get(jobid)}"
+        times[jobid] = _job_times(jobid)
+    chunks = [jobid for jobid, rule in rules.items() if rule == "segment_chunk"]
+    gather = next(jobid for jobid, rule in rules.items() if rule == "segment_gather")
+    # Two jobs ran at once when each started before the other ended (SLURM's own clock).
+    overlapping = [(a, b) for i, a in enumerate(chunks) for b in chunks[i + 1:]
+                   if times[a][0] < times[b][1] and times[b][0] < times[a][1]]
+    assert overlapping, f"no two chunks ran at the same time: {times}"
+    assert all(times[gather][0] >= times[c][1] for c in chunks), "the gather started before a chunk ended"
+
+    # The unsplit run: the same config without frame_chunk, one segment job on this machine.
+    unsplit_dir = tmp_path / "unsplit"
+    _fresh_segment_outputs(local_dir, unsplit_dir)
+    run_snakemake(unsplit_dir, shared_small_config(), "--cores", "2", *targets, "--set-threads", "segment=1")
+    compared = compare_results(slurm_dir / "results", unsplit_dir / "results")
+    assert {"demo/detections.parquet (parquet)", "demo/probability.zarr (zarr)"} <= set(compared), compared
+    joined = pd.read_parquet(slurm_dir / targets[0])
+    with xr.open_zarr(slurm_dir / targets[1]) as ds:
+        assert ds.attrs["frame_chunks"] == [[a, min(a + chunk, frames)] for a in range(0, frames, chunk)]
+        prob = ds["probability"].values
+    # For the record: the demo's own run, whose segment job had 2 threads.
+    with xr.open_zarr(local_dir / targets[1]) as ds:
+        rounding = float(np.abs(ds["probability"].values - prob).max())
+    two_threads = pd.read_parquet(local_dir / targets[0])
+    spans = ", ".join(f"{times[c][0]:%H:%M:%S}-{times[c][1]:%H:%M:%S}" for c in sorted(chunks, key=int))
+    print(f"[cluster] {expected_chunks} segment_chunk jobs ({spans}; {len(overlapping)} pairs at the same time) "
+          f"+ segment_gather in {t_slurm:.0f} s; joined == unsplit: {len(joined)} detections, probability "
+          f"{prob.shape} bit-identical; vs the 2-thread demo run: {len(two_threads)} detections, "
+          f"max |probability difference| {rounding:.2g}")
