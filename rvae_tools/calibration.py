@@ -90,21 +90,54 @@ def fit_sense_offset(raw: np.ndarray, reference: np.ndarray, order: int) -> dict
         ``sense``, ``offset`` (rad, in ``[-pi / k, pi / k)``), ``residual`` (rad, circular
         spread), ``consistency`` (the resultant R in [0, 1]), ``n`` (pairs used).
     """
-    raw = np.asarray(raw, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    ok = np.isfinite(raw) & np.isfinite(reference)
-    k = max(int(order), 1)
-    best: dict[str, Any] = {"sense": 1, "offset": float("nan"), "residual": float("nan"), "consistency": 0.0,
-                            "n": int(ok.sum())}
-    if not ok.any():
+    moments = AxisMoments(order)
+    moments.add(raw, reference)
+    return moments.fit()
+
+
+class AxisMoments:
+    """Running sums of :func:`fit_sense_offset` over paired angles seen a part at a time.
+
+    The fit needs only ``sum exp(i k (reference - s raw))`` for both senses ``s`` and the
+    number of pairs, so the windows of a species can be added trajectory chunk by trajectory
+    chunk (:meth:`add`) and fitted at the end (:meth:`fit`) without holding them all.
+
+    Parameters
+    ----------
+    order : int
+        Symmetry order k of the reference (2 for a major axis known modulo pi).
+    """
+
+    def __init__(self, order: int) -> None:
+        self.order = max(int(order), 1)
+        self.sums = {1: 0j, -1: 0j}
+        self.n = 0
+
+    def add(self, raw: np.ndarray, reference: np.ndarray, eccentricity: np.ndarray | None = None) -> None:
+        """Add pairs of angles (rad); NaN pairs, and those below :data:`ELONGATED` eccentricity when given, are left out."""
+        raw = np.asarray(raw, dtype=np.float64)
+        reference = np.asarray(reference, dtype=np.float64)
+        ok = np.isfinite(raw) & np.isfinite(reference)
+        if eccentricity is not None:
+            ok &= np.nan_to_num(np.asarray(eccentricity, dtype=np.float64), nan=0.0) >= ELONGATED
+        for sense in self.sums:
+            self.sums[sense] += np.sum(np.exp(1j * self.order * (reference[ok] - sense * raw[ok])))
+        self.n += int(ok.sum())
+
+    def fit(self) -> dict[str, Any]:
+        """The fit of :func:`fit_sense_offset` over every pair added."""
+        k = self.order
+        best: dict[str, Any] = {"sense": 1, "offset": float("nan"), "residual": float("nan"), "consistency": 0.0,
+                                "n": self.n}
+        if self.n == 0:
+            return best
+        for sense in (1, -1):
+            m = self.sums[sense] / self.n
+            r = float(np.abs(m))
+            if r > best["consistency"] + 1e-12:
+                best.update(sense=sense, offset=float(wrap(np.angle(m) / k, 2 * np.pi / k)), consistency=r,
+                            residual=float(np.sqrt(-2 * np.log(max(r, 1e-12))) / k))
         return best
-    for sense in (1, -1):
-        m = np.mean(np.exp(1j * k * (reference[ok] - sense * raw[ok])))
-        r = float(np.abs(m))
-        if r > best["consistency"] + 1e-12:
-            best.update(sense=sense, offset=float(wrap(np.angle(m) / k, 2 * np.pi / k)), consistency=r,
-                        residual=float(np.sqrt(-2 * np.log(max(r, 1e-12))) / k))
-    return best
 
 
 def template_orientation(image: np.ndarray, order: int) -> float:
@@ -183,7 +216,8 @@ def to_lab(raw: np.ndarray, sense: int, offset: float) -> np.ndarray:
 
 def calibrate_species(
     model: Any, zmean: np.ndarray, order: int, raw: np.ndarray | None = None,
-    orientation: np.ndarray | None = None, eccentricity: np.ndarray | None = None,
+    orientation: np.ndarray | None = None, eccentricity: np.ndarray | None = None, *,
+    moments: AxisMoments | None = None,
 ) -> dict[str, Any]:
     """Calibration of one species: the fit used and both fits' figures.
 
@@ -198,6 +232,9 @@ def calibrate_species(
     raw, orientation, eccentricity : array (windows,), optional
         The species' raw rVAE angles and their detections' moment orientation (rad, modulo pi)
         and eccentricity.
+    moments : AxisMoments, optional
+        The same pairs already summed (order 2), in place of ``raw``, ``orientation`` and
+        ``eccentricity``.
 
     Returns
     -------
@@ -219,14 +256,12 @@ def calibrate_species(
             cands = np.array([axis["offset"], axis["offset"] + np.pi])
             tpl = {**axis, "offset": float(wrap(cands[np.argmin(np.abs(wrap(cands - tpl["offset"])))]))}
     out.update({f"template_{key}": tpl[key] for key in ("sense", "offset", "residual", "consistency")})
-    use_moments = raw is not None and orientation is not None and order <= 2
+    if moments is None and raw is not None and orientation is not None:
+        moments = AxisMoments(2)
+        moments.add(raw, orientation, eccentricity)
+    use_moments = moments is not None and order <= 2 and moments.n >= MIN_WINDOWS
     if use_moments:
-        sel = np.isfinite(np.asarray(orientation, dtype=np.float64)) & np.isfinite(raw)
-        if eccentricity is not None:
-            sel &= np.nan_to_num(np.asarray(eccentricity, dtype=np.float64), nan=0.0) >= ELONGATED
-        use_moments = int(sel.sum()) >= MIN_WINDOWS
-    if use_moments:
-        fit = fit_sense_offset(np.asarray(raw)[sel], np.asarray(orientation)[sel], 2)
+        fit = moments.fit()
         offset = fit["offset"]
         if order == 1 and np.isfinite(tpl["offset"]) and tpl["sense"] == fit["sense"]:
             # Moments know the axis modulo pi; the template knows which end is which.
@@ -243,7 +278,7 @@ def calibrate_species(
 # --------------------------------------------------------------------------- the encode hook
 
 
-def _trajectory_means(z: np.ndarray) -> np.ndarray:
+def trajectory_means(z: np.ndarray) -> np.ndarray:
     """Mean z (particle, k) over each trajectory's frames (NaN where a trajectory has none)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "mean of empty slice" for absent trajectories
@@ -273,10 +308,199 @@ def _moment_grids(patches: xr.Dataset | None, index: tuple[np.ndarray, np.ndarra
     return grids[0], grids[1]
 
 
+class LabFrameFit:
+    """Species, their symmetry and lab-frame angle calibration, fitted a trajectory chunk at a time.
+
+    The steps of :func:`lab_frame`, apart so that ``encode`` can run them over chunks of
+    trajectories without holding the whole (particle, frame) grid:
+
+    1. :meth:`from_trajectories`: the species of every trajectory from its mean ``z`` (or its
+       class), their decoded templates and symmetry orders;
+    2. :meth:`observe`, on each chunk: its windows' shape corrections (returned: keep them for
+       step 4) and the moment sums of every species (:class:`AxisMoments`);
+    3. :meth:`finish`: every species' sense and offset (:func:`calibrate_species`);
+    4. :meth:`apply`, on each chunk: the lab-frame angles; :meth:`attrs` for the store.
+
+    Parameters
+    ----------
+    model : RVAE
+        Decodes the species templates (and the windows' own, for the shape correction).
+    labels : int ndarray (particle,)
+        Species index of every trajectory (-1 = unknown).
+    table : list of dict
+        Per species: ``name``, ``source``, ``symmetry``, ``symmetry_from`` (and ``cls``).
+    source : str
+        Where the species came from: cls, latent or single.
+    means : ndarray (species, k)
+        Each species' mean content latent.
+    given_angles : bool
+        The model is told each window's angle (``condition: angle``): no shape correction.
+    """
+
+    def __init__(self, model: Any, labels: np.ndarray, table: list[dict[str, Any]], source: str,
+                 means: np.ndarray, given_angles: bool) -> None:
+        self.model, self.labels, self.table, self.source = model, labels, table, source
+        self.means, self.given_angles = means, given_angles
+        self.moments = [AxisMoments(2) for _ in table]
+        self.referenced = False  # whether any chunk brought the detections' orientation
+        self.squares = [[0.0, 0] for _ in table]  # sum of squared shape corrections (rad^2), count
+        self.calibrations: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_trajectories(cls, model: Any, settings: dict[str, Any] | None, zmean: np.ndarray,
+                          classes: np.ndarray | None = None) -> LabFrameFit:
+        """Species of every trajectory and their symmetry orders.
+
+        Parameters
+        ----------
+        model : RVAE
+            Decodes the species templates.
+        settings : dict, optional
+            The ``rvae`` section: ``species``, ``symmetry`` and ``seed`` (see :func:`lab_frame`).
+        zmean : ndarray (particle, k)
+            Each trajectory's mean content latent (NaN rows: no window with a finite z).
+        classes : ndarray (particle,), optional
+            Each trajectory's class (``cls``), used when ``species`` is auto or cls.
+        """
+        settings = settings or {}
+        how = settings.get("species", "auto")
+        symmetry = settings.get("symmetry", "auto")
+        n_particles, k = zmean.shape
+        found = _species_from_cls(np.asarray(classes)) if how in ("auto", "cls") and classes is not None else None
+        if found is not None:
+            labels, values = found
+            table = [{"name": str(v), "cls": v.item() if hasattr(v, "item") else v, "source": "cls"} for v in values]
+            source = "cls"
+        elif how in ("auto", "latent") and k > 0:
+            labels, info = species_mod.find_species(zmean, seed=int(settings.get("seed") or 0))
+            components = info["n_species"]
+            # z also tracks what is not shape (background tilt, contrast), so the mixture may split
+            # one shape; components whose decoded templates show one shape are one species.
+            labels = species_mod.merge_species(labels, species_mod.species_templates(model, np.asarray(info["means"])))
+            n_species = int(labels.max()) + 1 if (labels >= 0).any() else 1
+            table = [{"name": f"species{k}", "source": "latent"} for k in range(n_species)]
+            source = "latent"
+            log.info("species from a Gaussian mixture over the trajectories' mean z: %d components (BIC %s), "
+                     "%d species after merging components of one template shape (similarity >= %.2f)",
+                     components, ", ".join(f"{b:.1f}" for b in info["bic"]), n_species, species_mod.SAME_SHAPE)
+        else:
+            labels = np.where(np.isfinite(zmean).all(axis=1), 0, -1) if k else np.zeros(n_particles, np.int64)
+            table = [{"name": "particle", "source": "single"}]
+            source = "single"
+        means = species_mod.species_means(zmean, labels, len(table))
+        templates = species_mod.species_templates(model, means)
+        for entry, template in zip(table, templates):
+            if symmetry == "auto" or symmetry is None:
+                entry["symmetry"] = species_mod.symmetry_order(template)
+                entry["symmetry_from"] = "template"
+            else:
+                entry["symmetry"] = int(symmetry)
+                entry["symmetry_from"] = "config"
+        # A model told each window's angle (condition: angle) keeps it: that angle is the user's.
+        given_angles = (getattr(model, "settings", None) or {}).get("condition") == "angle"
+        return cls(model, np.asarray(labels, dtype=np.int64), table, source, means, given_angles)
+
+    def observe(self, raw: np.ndarray, z: np.ndarray, labels: np.ndarray, orientation: np.ndarray | None = None,
+                eccentricity: np.ndarray | None = None) -> np.ndarray:
+        """Shape corrections of a chunk's windows; the chunk is added to every species' moment sums.
+
+        Parameters
+        ----------
+        raw : ndarray (particle, frame) rad
+            The rVAE's own angle of the chunk's windows (NaN = no window).
+        z : ndarray (particle, frame, k)
+            Their content latents.
+        labels : int ndarray (particle,)
+            The chunk's trajectories' species.
+        orientation, eccentricity : ndarray (particle, frame), optional
+            The detections' moment orientation (rad, modulo pi) and eccentricity.
+
+        Returns
+        -------
+        ndarray (particle, frame) rad
+            Each window's shape correction (two-fold species; NaN elsewhere).
+        """
+        correction = np.full_like(raw, np.nan)
+        for k, entry in enumerate(self.table):
+            sel = (labels == k)[:, None] & np.isfinite(raw)
+            if entry["symmetry"] == 2 and z.shape[2] > 0 and not self.given_angles:
+                # Two-fold species: each window's raw angle turns its own template (see module doc).
+                sel &= np.isfinite(z).all(axis=2)
+                correction[sel] = shape_correction(self.model, z[sel], self.means[k])
+            if orientation is not None:
+                self.referenced = True
+                turned = raw[sel] + np.nan_to_num(correction[sel])
+                self.moments[k].add(turned, orientation[sel], None if eccentricity is None else eccentricity[sel])
+            done = correction[sel][np.isfinite(correction[sel])]
+            self.squares[k][0] += np.sum(done ** 2)
+            self.squares[k][1] += done.size
+        return correction
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Every species' calibration (see :func:`calibrate_species`), once every chunk was observed."""
+        self.calibrations = []
+        for k, entry in enumerate(self.table):
+            cal = calibrate_species(self.model, self.means[k], entry["symmetry"],
+                                    moments=self.moments[k] if self.referenced else None)
+            total, count = self.squares[k]
+            cal["shape_correction_rms"] = float(np.sqrt(total / count)) if count else float("nan")
+            self.calibrations.append({"species": entry["name"], **cal})
+            log.info("species %s: symmetry %d (%s), angle calibration %s: sense %+d, offset %.1f deg, residual "
+                     "%.1f deg (%d windows), per-window shape correction rms %.1f deg", entry["name"],
+                     entry["symmetry"], entry["symmetry_from"], cal["method"], cal["sense"],
+                     np.degrees(cal["offset"]), np.degrees(cal["residual"]), cal["n_windows"],
+                     np.degrees(cal["shape_correction_rms"]))
+        return self.calibrations
+
+    def apply(self, ds: xr.Dataset, labels: np.ndarray, correction: np.ndarray) -> xr.Dataset:
+        """A chunk of latents with ``angle`` in the lab frame, ``angle_raw``, ``angle_shape_correction`` and ``species``.
+
+        Parameters
+        ----------
+        ds : xarray.Dataset
+            The chunk's latents, ``angle`` still the rVAE's own.
+        labels : int ndarray (particle,)
+            The chunk's trajectories' species.
+        correction : ndarray (particle, frame) rad
+            What :meth:`observe` returned for the chunk.
+        """
+        raw = np.asarray(ds["angle"].values, dtype=np.float64)
+        turned = raw + np.nan_to_num(correction)
+        lab = np.full_like(raw, np.nan)
+        for k, (entry, cal) in enumerate(zip(self.table, self.calibrations)):
+            if entry["symmetry"] >= 1 and np.isfinite(cal["offset"]):
+                rows = labels == k
+                lab[rows] = to_lab(turned[rows], cal["sense"], cal["offset"])
+        out = ds.copy()
+        out["angle_raw"] = (("particle", "frame"), raw.astype(np.float32),
+                            {"units": "rad", "description": "the rVAE's own angle (arbitrary offset and sense per species)"})
+        out["angle"] = (("particle", "frame"), lab.astype(np.float32), {
+            **dict(ds["angle"].attrs), "units": "rad", "convention": CONVENTION,
+            "description": "orientation in the lab frame (calibrated angle_raw); NaN for isotropic species"})
+        out["angle_shape_correction"] = (("particle", "frame"), correction.astype(np.float32), {
+            "units": "rad", "description": "principal axis of the window's own upright template less its species' "
+            "template's, added to angle_raw before calibration (two-fold species; NaN elsewhere)"})
+        return out.assign_coords(species=("particle", np.asarray(labels, dtype=np.int64), {
+            "description": "species index of the trajectory (into the 'species' attribute; -1 = unknown)"}))
+
+    def attrs(self) -> dict[str, Any]:
+        """The store's attributes of the species and their calibration (after :meth:`finish`)."""
+        return {
+            "species": json.dumps(self.table, default=str),
+            "species_source": self.source,
+            "species_symmetry": [int(e["symmetry"]) for e in self.table],
+            "angle_convention": CONVENTION,
+            "angle_offset": [float(c["offset"]) for c in self.calibrations],
+            "angle_sense": [int(c["sense"]) for c in self.calibrations],
+            "angle_residual": [float(c["residual"]) for c in self.calibrations],
+            "angle_calibration": json.dumps(self.calibrations, default=float),
+        }
+
+
 def lab_frame(ds: xr.Dataset, model: Any, settings: dict[str, Any] | None = None, *,
               patches: xr.Dataset | None = None,
               index: tuple[np.ndarray, np.ndarray] | None = None) -> xr.Dataset:
-    """Species, their symmetry and lab-frame angles added to the latents (the encode hook).
+    """Species, their symmetry and lab-frame angles added to the latents, all in memory (see :class:`LabFrameFit`).
 
     Parameters
     ----------
@@ -302,98 +526,16 @@ def lab_frame(ds: xr.Dataset, model: Any, settings: dict[str, Any] | None = None
         ``species_symmetry`` (list, 0 = isotropic), ``angle_convention``, ``angle_offset``,
         ``angle_sense``, ``angle_residual``, ``angle_calibration`` (JSON, per species).
     """
-    settings = settings or {}
-    how = settings.get("species", "auto")
-    symmetry = settings.get("symmetry", "auto")
     raw = np.asarray(ds["angle"].values, dtype=np.float64)
     if not np.isfinite(raw).any():
         log.info("no angles (a model without pose latents): no species symmetry or lab-frame calibration")
         return ds
     z = np.asarray(ds["z"].transpose("particle", "frame", "latent").values, dtype=np.float64)
-    zmean = _trajectory_means(z)
-    n_particles = zmean.shape[0]
-    window_orientation, window_eccentricity = _moment_grids(patches, index, raw.shape)
-
-    found = None
-    if how in ("auto", "cls") and "cls" in ds.variables and ds["cls"].dims == ("particle",):
-        found = _species_from_cls(np.asarray(ds["cls"].values))
-    if found is not None:
-        labels, values = found
-        table = [{"name": str(v), "cls": v.item() if hasattr(v, "item") else v, "source": "cls"} for v in values]
-        source = "cls"
-    elif how in ("auto", "latent") and z.shape[2] > 0:
-        labels, info = species_mod.find_species(zmean, seed=int(settings.get("seed") or 0))
-        components = info["n_species"]
-        # z also tracks what is not shape (background tilt, contrast), so the mixture may split
-        # one shape; components whose decoded templates show one shape are one species.
-        labels = species_mod.merge_species(labels, species_mod.species_templates(model, np.asarray(info["means"])))
-        n_species = int(labels.max()) + 1 if (labels >= 0).any() else 1
-        table = [{"name": f"species{k}", "source": "latent"} for k in range(n_species)]
-        source = "latent"
-        log.info("species from a Gaussian mixture over the trajectories' mean z: %d components (BIC %s), "
-                 "%d species after merging components of one template shape (similarity >= %.2f)",
-                 components, ", ".join(f"{b:.1f}" for b in info["bic"]), n_species, species_mod.SAME_SHAPE)
-    else:
-        labels = np.where(np.isfinite(zmean).all(axis=1), 0, -1) if z.shape[2] else np.zeros(n_particles, np.int64)
-        table = [{"name": "particle", "source": "single"}]
-        source = "single"
-    means = species_mod.species_means(zmean, labels, len(table))
-    templates = species_mod.species_templates(model, means)
-
-    # A model told each window's angle (condition: angle) keeps it: that angle is the user's.
-    given_angles = (getattr(model, "settings", None) or {}).get("condition") == "angle"
-    calibrations = []
-    lab = np.full_like(raw, np.nan)
-    correction = np.full_like(raw, np.nan)
-    for k, entry in enumerate(table):
-        if symmetry == "auto" or symmetry is None:
-            entry["symmetry"] = species_mod.symmetry_order(templates[k])
-            entry["symmetry_from"] = "template"
-        else:
-            entry["symmetry"] = int(symmetry)
-            entry["symmetry_from"] = "config"
-        rows = labels == k
-        sel = rows[:, None] & np.isfinite(raw)
-        if entry["symmetry"] == 2 and z.shape[2] > 0 and not given_angles:
-            # Two-fold species: each window's raw angle turns its own template (see module doc).
-            sel &= np.isfinite(z).all(axis=2)
-            correction[sel] = shape_correction(model, z[sel], means[k])
-        turned = raw + np.nan_to_num(correction)
-        cal = calibrate_species(
-            model, means[k], entry["symmetry"], turned[sel],
-            None if window_orientation is None else np.asarray(window_orientation)[sel],
-            None if window_eccentricity is None else np.asarray(window_eccentricity)[sel],
-        )
-        done = correction[sel][np.isfinite(correction[sel])]
-        cal["shape_correction_rms"] = float(np.sqrt(np.mean(done ** 2))) if done.size else float("nan")
-        calibrations.append({"species": entry["name"], **cal})
-        if entry["symmetry"] >= 1 and np.isfinite(cal["offset"]):
-            lab[rows] = to_lab(turned[rows], cal["sense"], cal["offset"])
-        log.info("species %s: symmetry %d (%s), angle calibration %s: sense %+d, offset %.1f deg, residual %.1f deg "
-                 "(%d windows), per-window shape correction rms %.1f deg", entry["name"], entry["symmetry"],
-                 entry["symmetry_from"], cal["method"], cal["sense"], np.degrees(cal["offset"]),
-                 np.degrees(cal["residual"]), cal["n_windows"], np.degrees(cal["shape_correction_rms"]))
-
-    out = ds.copy()
-    angle_attrs = dict(ds["angle"].attrs)
-    out["angle_raw"] = (("particle", "frame"), raw.astype(np.float32),
-                        {"units": "rad", "description": "the rVAE's own angle (arbitrary offset and sense per species)"})
-    out["angle"] = (("particle", "frame"), lab.astype(np.float32), {
-        **angle_attrs, "units": "rad", "convention": CONVENTION,
-        "description": "orientation in the lab frame (calibrated angle_raw); NaN for isotropic species"})
-    out["angle_shape_correction"] = (("particle", "frame"), correction.astype(np.float32), {
-        "units": "rad", "description": "principal axis of the window's own upright template less its species' "
-        "template's, added to angle_raw before calibration (two-fold species; NaN elsewhere)"})
-    out = out.assign_coords(species=("particle", labels.astype(np.int64), {
-        "description": "species index of the trajectory (into the 'species' attribute; -1 = unknown)"}))
-    out.attrs.update({
-        "species": json.dumps(table, default=str),
-        "species_source": source,
-        "species_symmetry": [int(e["symmetry"]) for e in table],
-        "angle_convention": CONVENTION,
-        "angle_offset": [float(c["offset"]) for c in calibrations],
-        "angle_sense": [int(c["sense"]) for c in calibrations],
-        "angle_residual": [float(c["residual"]) for c in calibrations],
-        "angle_calibration": json.dumps(calibrations, default=float),
-    })
+    classes = ds["cls"].values if "cls" in ds.variables and ds["cls"].dims == ("particle",) else None
+    fit = LabFrameFit.from_trajectories(model, settings, trajectory_means(z), classes)
+    orientation, eccentricity = _moment_grids(patches, index, raw.shape)
+    correction = fit.observe(raw, z, fit.labels, orientation, eccentricity)
+    fit.finish()
+    out = fit.apply(ds, fit.labels, correction)
+    out.attrs.update(fit.attrs())
     return out

@@ -6,10 +6,21 @@ with a posterior spread. The windows are a flat list of observations (``obs``) t
 ``(particle, frame, latent)``), with NaN where a particle is absent, so a notebook can follow
 one trajectory with ``ds.sel(particle=p)`` or average over particles per frame.
 
-The windows are read and encoded in blocks of the store's chunk length, so the input never
-has to fit in memory; the output grid is held in memory (float32: about
-``4 * (8 + 2 k) * particles * frames`` bytes) and written atomically at the end, so killing
-the command leaves no store behind.
+Memory is bounded by a chunk of whole trajectories (``rvae.encode_chunk_trajectories``, by
+default as many as fill :data:`CHUNK_CELLS` grid cells), not by the whole grid, in four passes:
+
+1. every window is read and encoded in blocks of the windows store's chunk length; the model's
+   outputs go to a scratch store on ``obs`` beside the output (:func:`_encode_pass`);
+2. chunk by chunk, each trajectory's mean ``z`` and class (:func:`_summary_pass`), from which
+   the species are found (:class:`rvae_tools.calibration.LabFrameFit`);
+3. chunk by chunk, each window's shape correction and each species' moment sums
+   (:func:`_correction_pass`); the lab-frame angle calibration and the spread calibration of
+   every species are fitted from them and from a seeded sample of the windows (:func:`_fit_spreads`);
+4. chunk by chunk, the calibrated latents appended to the output store (:func:`_final_chunk`),
+   which is renamed into place at the end, so killing the command leaves no store behind.
+
+Each chunk's grid is laid out again from the scratch store in every pass (reading it is cheap
+next to encoding). Per window only its trajectory and frame, and their grid indices, stay in memory (32 bytes).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +37,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .calibration import lab_frame
+from .calibration import LabFrameFit, trajectory_means
 from .config import add_settings_arguments, settings_from_args
 from .errors import InputError
-from .io import open_zarr, write_zarr
+from .io import open_zarr, scratch_path, write_zarr_parts
 from .provenance import provenance_attrs
 from .rvae.uncertainty import apply_calibration, fit_calibration
 
@@ -126,8 +138,13 @@ def encode_patches(
     batch_size: int | None = None,
     progress: bool = True,
     model: Any = None,
+    chunk_trajectories: int | None = None,
 ) -> xr.Dataset:
     """Encode every window of ``patches_path`` with the rVAE at ``model_path``; write ``output``.
+
+    Runs in passes (see the module doc) so that memory is bounded by one chunk of
+    ``chunk_trajectories`` whole trajectories over every frame, not by the whole
+    (particle, frame) grid.
 
     Parameters
     ----------
@@ -147,11 +164,15 @@ def encode_patches(
         Windows per forward pass (default: ``encode_batch_size`` of ``settings``, else the model's).
     model : RVAE, optional
         An already loaded model (``model_path`` is then only recorded).
+    chunk_trajectories : int, optional
+        Trajectories laid out on the grid at once (default: ``encode_chunk_trajectories`` of
+        ``settings``, else :func:`trajectories_per_chunk` of the movie's frames). The result does
+        not depend on it beyond float rounding of the sums the calibrations are fitted on.
 
     Returns
     -------
     xarray.Dataset
-        The dataset that was written.
+        The store that was written, opened lazily.
     """
     from tqdm import tqdm
 
@@ -160,6 +181,10 @@ def encode_patches(
         batch_size = settings.get("encode_batch_size")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be a positive number of windows, got {batch_size}")
+    if chunk_trajectories is None and settings is not None:
+        chunk_trajectories = settings.get("encode_chunk_trajectories")
+    if chunk_trajectories is not None and chunk_trajectories < 1:
+        raise InputError(f"--chunk-trajectories must be a positive number of trajectories, got {chunk_trajectories}")
     patches = open_zarr(patches_path, required=["window", *PATCH_COORDS], what="patches store")
     window = patches["window"]
     if window.ndim != 3 or window.dims[0] != "obs":
@@ -182,23 +207,14 @@ def encode_patches(
         model, tuple(window.shape[1:]),
         latent_dim=(settings or {}).get("latent_dim"), model_path=model_path, patches_path=patches_path,
     )
-    k = int(model.latent_dim)
-
     particles = np.unique(particle)
     frames = _frame_axis(frame, patches.attrs)
     pi = np.searchsorted(particles, particle)
     fi = np.searchsorted(frames, frame)
-    flat = pi * frames.size + fi
-    if np.unique(flat).size != n_obs:
+    if np.unique(pi * frames.size + fi).size != n_obs:
         raise InputError(f"{patches_path}: some (particle, frame) pairs have more than one window")
-
-    shape = (particles.size, frames.size)
-    grids = {name: np.full(shape, np.nan, dtype=np.float32) for name in SCALARS}
-    grids.update({name: np.full((*shape, k), np.nan, dtype=np.float32) for name in VECTORS})
-    extra: dict[str, np.ndarray] = {}
-    for name in ("x", "y"):
-        grids[name] = np.full(shape, np.nan, dtype=np.float64)
-        grids[name][pi, fi] = patches[name].values
+    layout = Layout(particles, frames, pi, fi, chunk_trajectories or trajectories_per_chunk(frames.size),
+                    int(model.latent_dim))
 
     method = (settings or {}).get("encode_method")
     model_config = getattr(model, "config", {}) or {}
@@ -210,35 +226,166 @@ def encode_patches(
     if known and "orientation" not in patches.variables:
         raise InputError(f"{patches_path}: no orientation coordinate; the model {model_path} is conditioned on "
                          "each window's known angle (rvae.condition: angle) and reads it from there")
-    orientation = patches["orientation"].values if known else None
-    block = max(int(chunks[0]), batch_size or 0)
-    bar = tqdm(total=n_obs, unit="win", desc="encode", file=sys.stderr, disable=not progress,
-               mininterval=1.0 if sys.stderr.isatty() else 15.0)
-    with bar:
-        for start in range(0, n_obs, block):
-            stop = min(start + block, n_obs)
-            wins = _read_windows(window, np.arange(start, stop), patches_path, particle, frame)
-            out = _encode_windows(model, wins, batch_size=batch_size, device=device, method=method,
-                                  angles=None if orientation is None else orientation[start:stop])
-            rows, cols = pi[start:stop], fi[start:stop]
-            for name, value in out.items():
-                value = np.asarray(value)
-                if name in grids:
-                    grids[name][rows, cols] = value
-                elif name == "quaternion":
-                    extra.setdefault(name, np.full((*shape, 4), np.nan, dtype=np.float64))[rows, cols] = value
-                elif name == "cls_prob":
-                    extra.setdefault(name, np.full((*shape, value.shape[1]), np.nan, dtype=np.float32))[rows, cols] = value
-                elif value.ndim == 1 and value.shape[0] == stop - start:
-                    # Extras of the model (e.g. class probabilities) are kept under their own names.
-                    extra.setdefault(name, np.full(shape, np.nan, dtype=np.float32))[rows, cols] = value
-            bar.update(stop - start)
+    encode_kwargs = {"batch_size": batch_size, "device": device, "method": method}
+    with scratch_path(output) as scratch:
+        bar = tqdm(total=n_obs, unit="win", desc="encode", file=sys.stderr, disable=not progress,
+                   mininterval=1.0 if sys.stderr.isatty() else 15.0)
+        with bar:
+            outputs = _encode_pass(model, window, patches_path, particle, frame, scratch / "windows.zarr",
+                                   block=max(int(chunks[0]), batch_size or 0), bar=bar,
+                                   orientation=patches["orientation"].values if known else None, **encode_kwargs)
+        summary = _summary_pass(layout, outputs, patches, model)
+        if summary["missing"]:
+            # A baseline without pose latents has no angle or shifts: they stay NaN rather than 0,
+            # so nobody mistakes them for measured orientations.
+            log.warning("%s: the model gives no %s; stored as NaN", model_path, ", ".join(summary["missing"]))
+        fit, corrections = None, None
+        if summary["has_angles"]:
+            fit = LabFrameFit.from_trajectories(model, settings, summary["zmean"], summary["classes"])
+            corrections = _correction_pass(layout, outputs, patches, model, fit, scratch / "corrections.zarr")
+            fit.finish()
+        else:
+            log.info("no angles (a model without pose latents): no species symmetry or lab-frame calibration")
+        # After the species are known: each species' windows miss by their own amounts.
+        spreads = _fit_spreads(model, window, patches_path, particle, frame, layout, fit, settings, seed,
+                               **encode_kwargs)
+        attrs = _store_attrs(patches, window, model, model_path, n_obs, method, fit, spreads)
+        parts = (_final_chunk(layout, chunk, outputs, patches, model, fit, corrections, spreads, attrs)
+                 for chunk in layout.chunks())
+        write_zarr_parts(parts, output, append_dim="particle", encoding=layout.encoding,
+                         provenance=provenance_attrs(
+                             settings=settings if settings is not None else model_config, seed=seed,
+                             model_checksum=getattr(model, "checksum", None), stage="encode",
+                             inputs={"patches": str(patches_path), "model": str(model_path)}))
+    log.info("%s: %d windows of %d particles over %d frames encoded (latent size %d) in %d chunk(s) of up to %d "
+             "trajectories", output, n_obs, particles.size, frames.size, layout.k, layout.n_chunks, layout.size)
+    return open_zarr(output)
 
-    missing = [name for name in (*SCALARS, *VECTORS) if grids[name].size and np.isnan(grids[name]).all()]
-    if missing:
-        # A baseline without pose latents has no angle or shifts: they stay NaN rather than 0,
-        # so nobody mistakes them for measured orientations.
-        log.warning("%s: the model gives no %s; stored as NaN", model_path, ", ".join(missing))
+
+# --------------------------------------------------------------------------- chunks of trajectories
+
+#: Grid cells (trajectories x frames) held at once when the chunk size is not given: with every
+#: latent, spread and calibration grid about 0.1-0.2 kB a cell, some 100-200 MB.
+CHUNK_CELLS = 2**20
+#: Trajectories per chunk of the output store's arrays (see :func:`_chunks`).
+STORE_PARTICLES = 256
+
+
+def trajectories_per_chunk(n_frames: int, cells: int = CHUNK_CELLS) -> int:
+    """Trajectories laid out at once: as many as fit ``cells`` grid cells over ``n_frames`` frames.
+
+    Whole chunks of the output store (:data:`STORE_PARTICLES` trajectories) when that is more
+    than one, so that every chunk is written once.
+    """
+    n = max(1, cells // max(int(n_frames), 1))
+    return n - n % STORE_PARTICLES if n >= STORE_PARTICLES else n
+
+
+class Layout:
+    """Where every window sits on the (particle, frame) grid, and the grid's chunks of trajectories.
+
+    Parameters
+    ----------
+    particles, frames : ndarray
+        The grid's trajectory ids and frame numbers (sorted).
+    pi, fi : int ndarray (obs,)
+        Each window's trajectory and frame index on the grid.
+    size : int
+        Trajectories per chunk.
+    k : int
+        Content latents.
+    """
+
+    def __init__(self, particles: np.ndarray, frames: np.ndarray, pi: np.ndarray, fi: np.ndarray, size: int,
+                 k: int) -> None:
+        self.particles, self.frames, self.pi, self.fi, self.size, self.k = particles, frames, pi, fi, int(size), k
+        self.n_chunks = -(-particles.size // self.size)
+
+    def chunks(self) -> Iterator[Chunk]:
+        """The chunks in order of trajectory index."""
+        for lo in range(0, self.particles.size, self.size):
+            hi = min(lo + self.size, self.particles.size)
+            rows = np.nonzero((self.pi >= lo) & (self.pi < hi))[0]
+            yield Chunk(lo, hi, rows, self.pi[rows] - lo, self.fi[rows])
+
+    def encoding(self, first: xr.Dataset) -> dict[str, Any]:
+        """Chunks of the output store's variables on ``particle`` (see :func:`_chunks`), given the first chunk.
+
+        A chunk of trajectories fills whole store chunks (of :data:`STORE_PARTICLES`, or of its own
+        size when it is not a multiple of them), so that no append reads back and rewrites a
+        store chunk: that would hold several store chunks of every frame at once.
+        """
+        per = STORE_PARTICLES if self.size % STORE_PARTICLES == 0 else self.size
+        return {name: {"chunks": (min(per, self.particles.size), *_chunks(first[name].shape)[1:])}
+                for name in first.variables if first[name].dims[:1] == ("particle",)}
+
+
+class Chunk:
+    """A chunk of whole trajectories: grid indices ``lo:hi``, its windows ``rows`` (obs, sorted) and their cells."""
+
+    def __init__(self, lo: int, hi: int, rows: np.ndarray, pi: np.ndarray, fi: np.ndarray) -> None:
+        self.lo, self.hi, self.rows, self.cells = lo, hi, rows, (pi, fi)
+        self.n = hi - lo
+
+
+def _encode_pass(model, window, patches_path, particle, frame, store, *, block, bar, orientation=None,
+                 **encode_kwargs) -> Any:
+    """Pass 1: every window encoded in the store's order; the model's outputs written to ``store`` on ``obs``.
+
+    Returns the opened Zarr group (one array per output kept, see :func:`_kept_outputs`).
+    """
+    import zarr
+
+    n_obs = int(window.shape[0])
+    group = zarr.open_group(store, mode="w")
+    for start in range(0, n_obs, block):
+        stop = min(start + block, n_obs)
+        wins = _read_windows(window, np.arange(start, stop), patches_path, particle, frame)
+        out = _encode_windows(model, wins, angles=None if orientation is None else orientation[start:stop],
+                              **encode_kwargs)
+        for name, value in _kept_outputs(out, stop - start).items():
+            if name not in group:
+                group.create_array(name, shape=(n_obs, *value.shape[1:]), chunks=(block, *value.shape[1:]),
+                                   dtype=value.dtype, fill_value=np.nan)
+            group[name][start:stop] = value
+        bar.update(stop - start)
+    return group
+
+
+def _kept_outputs(out: dict[str, Any], n: int) -> dict[str, np.ndarray]:
+    """The model's outputs for ``n`` windows that the latents keep (floats; others left out)."""
+    kept = {}
+    for name, value in out.items():
+        value = np.asarray(value)
+        if name in SCALARS or name in VECTORS or name in ("quaternion", "cls_prob") or (
+                value.ndim == 1 and value.shape[0] == n):
+            kept[name] = value if np.issubdtype(value.dtype, np.floating) else value.astype(np.float64)
+    return kept
+
+
+def _chunk_dataset(layout: Layout, chunk: Chunk, outputs: Any, patches: xr.Dataset, model: Any) -> xr.Dataset:
+    """The latents of one chunk of trajectories on (particle, frame), as encoded (before any calibration)."""
+    shape, k = (chunk.n, layout.frames.size), layout.k
+    rows, cells = chunk.rows, chunk.cells
+    grids = {name: np.full(shape, np.nan, dtype=np.float32) for name in SCALARS}
+    grids.update({name: np.full((*shape, k), np.nan, dtype=np.float32) for name in VECTORS})
+    extra: dict[str, np.ndarray] = {}
+    for name in ("x", "y"):
+        grids[name] = np.full(shape, np.nan, dtype=np.float64)
+        grids[name][cells] = _obs_values(patches, name, rows)
+    for name in outputs.array_keys():
+        value = outputs[name].oindex[rows]
+        if name in grids:
+            grids[name][cells] = value
+        elif name == "quaternion":
+            extra[name] = np.full((*shape, 4), np.nan, dtype=np.float64)
+        elif name == "cls_prob":
+            extra[name] = np.full((*shape, value.shape[1]), np.nan, dtype=np.float32)
+        else:
+            # Extras of the model (e.g. class probabilities) are kept under their own names.
+            extra[name] = np.full(shape, np.nan, dtype=np.float32)
+        if name in extra:
+            extra[name][cells] = value
 
     dims2, dims3 = ("particle", "frame"), ("particle", "frame", "latent")
     data_vars: dict[str, Any] = {}
@@ -258,20 +405,22 @@ def encode_patches(
         elif name != "cls_prob":  # laid out with the classes below
             data_vars[name] = (dims2, value, {"description": f"{name} from the model's encoder"})
 
+    particles = layout.particles[chunk.lo:chunk.hi]
+    frames = layout.frames
     coords: dict[str, Any] = {
         "particle": ("particle", particles, {"description": "trajectory id"}),
         "frame": ("frame", frames, {"description": "frame number"}),
         "latent": ("latent", np.arange(k), {"description": "index of the content latent z"}),
         **({"q": ("q", np.arange(4), {"description": "quaternion component: 0 = w (scalar), 1 = x, 2 = y, 3 = z"})}
            if "quaternion" in extra else {}),
-        "track_length": ("particle", np.bincount(pi, minlength=particles.size).astype(np.int64),
+        "track_length": ("particle", np.bincount(cells[0], minlength=chunk.n).astype(np.int64),
                          {"description": "number of frames with a window"}),
     }
     frame_interval = patches.attrs.get("frame_interval")
     if _known(frame_interval):
         coords["time"] = ("frame", frames * float(frame_interval), {"units": "s"})
     if "cls" in patches.variables:
-        majority = majority_class(particle, patches["cls"].values)
+        majority = majority_class(layout.particles[layout.pi[rows]], _obs_values(patches, "cls", rows))
         cls = majority.reindex(particles).to_numpy()
         if cls.dtype == object:
             cls = np.array(["" if pd.isna(c) else str(c) for c in cls], dtype=object)
@@ -285,13 +434,97 @@ def encode_patches(
         class_vars, class_coords = class_variables(extra.pop("cls_prob"), list(model.class_names))
         data_vars.update(class_vars)
         coords.update(class_coords)
+    return xr.Dataset(data_vars, coords=coords)
 
+
+def _obs_values(patches: xr.Dataset, name: str, rows: np.ndarray) -> np.ndarray:
+    """A coordinate of the windows store at windows ``rows`` (only the store chunks holding them are read)."""
+    var = patches[name].variable
+    source = patches.encoding.get("source")
+    if source and var.dtype.kind == "f" and not {"scale_factor", "add_offset"} & set(var.encoding):
+        import zarr
+
+        # Numbers straight from Zarr: through xarray and dask an index array costs a task graph.
+        return np.asarray(zarr.open_array(Path(source) / name, mode="r").oindex[rows], dtype=var.dtype)
+    return np.asarray(var[rows].values)
+
+
+def _moment_grids(patches: xr.Dataset, chunk: Chunk, shape: tuple[int, int]) -> list[np.ndarray | None]:
+    """The detections' orientation and eccentricity (when the windows store has them) on a chunk's grid."""
+    grids: list[np.ndarray | None] = []
+    for name in ("orientation", "eccentricity"):
+        if name not in patches.variables:
+            grids.append(None)
+            continue
+        grid = np.full(shape, np.nan)
+        grid[chunk.cells] = np.asarray(_obs_values(patches, name, chunk.rows), dtype=np.float64)
+        grids.append(grid)
+    return grids
+
+
+def _summary_pass(layout: Layout, outputs: Any, patches: xr.Dataset, model: Any) -> dict[str, Any]:
+    """Pass 2: what the species need from every trajectory: its mean z and class, chunk by chunk.
+
+    Returns ``zmean`` (particle, k), ``classes`` (particle,) or None, ``has_angles`` (any
+    finite angle) and ``missing`` (outputs NaN everywhere).
+    """
+    zmeans, classes = [], []
+    has_angles, empty = False, dict.fromkeys((*SCALARS, *VECTORS), True)
+    for chunk in layout.chunks():
+        ds = _chunk_dataset(layout, chunk, outputs, patches, model)
+        z = np.asarray(ds["z"].transpose("particle", "frame", "latent").values, dtype=np.float64)
+        zmeans.append(trajectory_means(z))
+        if "cls" in ds.variables and ds["cls"].dims == ("particle",):
+            classes.append(np.asarray(ds["cls"].values))
+        has_angles |= bool(np.isfinite(ds["angle"].values).any())
+        for name in empty:
+            empty[name] &= bool(np.isnan(ds[name].values).all())
+        del ds, z  # before the next chunk is laid out: one chunk in memory at a time
+    return {"zmean": np.concatenate(zmeans), "classes": np.concatenate(classes) if classes else None,
+            "has_angles": has_angles, "missing": [name for name, none in empty.items() if none]}
+
+
+def _correction_pass(layout: Layout, outputs: Any, patches: xr.Dataset, model: Any, fit: LabFrameFit,
+                     store: Path) -> Any:
+    """Pass 3: every chunk's shape corrections (kept in ``store``, rad) and moment sums (kept by ``fit``)."""
+    import zarr
+
+    shape = (layout.particles.size, layout.frames.size)
+    corrections = zarr.open_group(store, mode="w").create_array(
+        "correction", shape=shape, chunks=(layout.size, shape[1]), dtype=np.float64, fill_value=np.nan)
+    for chunk in layout.chunks():
+        ds = _chunk_dataset(layout, chunk, outputs, patches, model)
+        raw = np.asarray(ds["angle"].values, dtype=np.float64)
+        z = np.asarray(ds["z"].transpose("particle", "frame", "latent").values, dtype=np.float64)
+        orientation, eccentricity = _moment_grids(patches, chunk, raw.shape)
+        corrections[chunk.lo:chunk.hi] = fit.observe(raw, z, fit.labels[chunk.lo:chunk.hi], orientation,
+                                                     eccentricity)
+        del ds, raw, z, orientation, eccentricity  # one chunk in memory at a time
+    return corrections
+
+
+def _final_chunk(layout: Layout, chunk: Chunk, outputs: Any, patches: xr.Dataset, model: Any,
+                 fit: LabFrameFit | None, corrections: Any, spreads: dict[str, Any] | None,
+                 attrs: dict[str, Any]) -> xr.Dataset:
+    """Pass 4: one chunk of the store, with lab-frame angles, species and calibrated spreads."""
+    ds = _chunk_dataset(layout, chunk, outputs, patches, model)
+    if fit is not None:
+        ds = fit.apply(ds, fit.labels[chunk.lo:chunk.hi], corrections[chunk.lo:chunk.hi])
+    if spreads is not None:
+        ds = _apply_spreads(ds, chunk, spreads["of_particle"][chunk.lo:chunk.hi], spreads["fits"])
+    ds.attrs = attrs
+    return ds
+
+
+def _store_attrs(patches, window, model, model_path, n_obs, method, fit, spreads) -> dict[str, Any]:
+    """The latents store's attributes (provenance aside)."""
+    model_config = getattr(model, "config", {}) or {}
     attrs: dict[str, Any] = {
         key: patches.attrs[key] for key in ("pixel_size", "pixel_unit", "frame_interval") if key in patches.attrs
     }
     attrs.update({
         "window_size": int(window.shape[1]),
-        "latent_dim": k,
+        "latent_dim": int(model.latent_dim),
         "n_windows": n_obs,
         "model_path": str(model_path),
         "model_config": json.dumps(model_config, sort_keys=True, default=str),
@@ -307,80 +540,93 @@ def encode_patches(
         "patches_config_hash": patches.attrs.get("config_hash", ""),
         "movie_sha256": patches.attrs.get("movie_sha256", ""),
     })
-    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-    ds = lab_frame(ds, model, settings, patches=patches, index=(pi, fi))
-    # After the species are known: each species' windows miss by their own amounts.
-    ds = _calibrate_spreads(ds, model, window, patches_path, particle, frame, (pi, fi), settings, seed,
-                            batch_size=batch_size, device=device, method=method)
-    encoding = {name: {"chunks": _chunks(ds[name].shape)} for name in ds.data_vars}
-    write_zarr(ds, output, encoding=encoding, provenance=provenance_attrs(
-        settings=settings if settings is not None else model_config, seed=seed,
-        model_checksum=getattr(model, "checksum", None), stage="encode",
-        inputs={"patches": str(patches_path), "model": str(model_path)},
-    ))
-    log.info("%s: %d windows of %d particles over %d frames encoded (latent size %d)",
-             output, n_obs, particles.size, frames.size, k)
-    return ds
+    if fit is not None:
+        attrs.update(fit.attrs())
+    if spreads is not None:
+        attrs["spread_calibration"] = spreads["attr"]
+    return attrs
 
 
 #: Fewest windows of a species for a calibration of its own (fewer: the pooled calibration).
 MIN_SPECIES_WINDOWS = 50
+#: Spreads calibrated by :func:`_apply_spreads`.
+SPREADS = ("angle_sd", "dx_sd", "dy_sd", "flip_prob", "z_sd")
 
 
-def _calibrate_spreads(ds, model, window, patches_path, particle, frame, index, settings, seed, **encode_kwargs):
-    """``ds`` with ``angle_sd``, ``dx_sd``, ``dy_sd``, ``z_sd`` and ``flip_prob`` calibrated per species.
+def _fit_spreads(model, window, patches_path, particle, frame, layout, fit, settings, seed,
+                 **encode_kwargs) -> dict[str, Any] | None:
+    """Calibrations of ``angle_sd``, ``dx_sd``, ``dy_sd``, ``z_sd`` and ``flip_prob``, per species.
 
     Each species with at least :data:`MIN_SPECIES_WINDOWS` windows gets a calibration fitted on
     a seeded sample of its own windows (``flip_prob`` too when its symmetry order is odd: its two
     ends differ); windows of other species, or of none, get the one fitted on a sample of all
-    windows. Attr ``spread_calibration`` (JSON) holds the pooled fit and ``species``: one per
-    species. Unchanged when ``calibration_windows`` is 0 or the model has no pose latents.
+    windows. None when ``calibration_windows`` is 0 or the model has no pose latents.
+
+    Returns
+    -------
+    dict or None
+        ``fits`` (the pooled fit, then one per calibrated species), ``of_particle`` (int, per
+        trajectory: index into the species fits, -1 = the pooled one) and ``attr`` (JSON of
+        attr ``spread_calibration``: the pooled fit and ``species``: one per species).
     """
     n_cal = int((settings or {}).get("calibration_windows", 512))
     model_settings = getattr(model, "settings", {})
     if n_cal == 0 or model_settings.get("model", "rvae") not in POSE_MODELS or model_settings.get("condition") == "angle":
         # (The angle-conditional model is given its angles: there is no angle spread to calibrate.)
-        return ds
-    pi, fi = index
+        return None
     rng = np.random.default_rng(seed)
     n = int(window.shape[0])
-    labels = np.asarray(ds["species"].values)[pi] if "species" in ds.coords else np.full(n, -1)
-    symmetry = list(ds.attrs.get("species_symmetry", []))
-    names = [e.get("name") for e in json.loads(ds.attrs.get("species", "[]"))]
+    labels = fit.labels[layout.pi] if fit is not None else np.full(n, -1)
+    symmetry = [int(e["symmetry"]) for e in fit.table] if fit is not None else []
+    names = [e.get("name") for e in fit.table] if fit is not None else []
 
-    def fit(rows, flip=False):
+    def calibrate(rows, flip=False):
         sel = np.sort(rng.choice(rows, size=min(n_cal, rows.size), replace=False))
         wins = _read_windows(window, sel, patches_path, particle, frame)
         return fit_calibration(lambda w: _encode_windows(model, w, **encode_kwargs), wins, seed=int(seed), flip=flip)
 
-    pooled = fit(np.arange(n))
-    per_window = np.full(n, -1)
+    pooled = calibrate(np.arange(n))
+    of_species = np.full(len(symmetry), -1)
     fits = []
     for k, order in enumerate(symmetry):
         rows = np.nonzero(labels == k)[0]
         if rows.size < MIN_SPECIES_WINDOWS or order == 0:
             continue
-        cal = fit(rows, flip=int(order) % 2 == 1)
+        cal = calibrate(rows, flip=int(order) % 2 == 1)
         cal["species"] = names[k] if k < len(names) else k
-        per_window[rows] = len(fits)
+        of_species[k] = len(fits)
         fits.append(cal)
-    names_sd = ("angle_sd", "dx_sd", "dy_sd", "flip_prob", "z_sd")
-    grids = {name: np.array(ds[name].values, copy=True) for name in names_sd if name in ds}
+    of_particle = np.full(layout.particles.size, -1)
+    if fit is not None:
+        known = fit.labels >= 0
+        of_particle[known] = of_species[fit.labels[known]]
+    calibrated = np.bincount(of_particle[layout.pi] + 1, minlength=len(fits) + 1)
     for j, cal in enumerate([pooled, *fits]):
-        rows = per_window == j - 1
-        if not rows.any():
+        if calibrated[j]:
+            log.info("encode: spreads of %s calibrated on %d windows (angle x%.3g + %.3g rad, shift x%.3g + %.3g "
+                     "px%s)", "the other windows" if j == 0 else f"species {cal['species']}", cal["n_windows"],
+                     cal["angle"]["scale"], cal["angle"]["floor"], cal["shift"]["scale"], cal["shift"]["floor"],
+                     f", flip temperature {cal['flip']['temperature']:.3g}" if "flip" in cal else "")
+    return {"fits": [pooled, *fits], "of_particle": of_particle,
+            "attr": json.dumps({**pooled, "species": fits}, sort_keys=True)}
+
+
+def _apply_spreads(ds: xr.Dataset, chunk: Chunk, of_particle: np.ndarray, fits: list[dict[str, Any]]) -> xr.Dataset:
+    """A chunk's spreads calibrated: each window by its species' fit (``of_particle`` + 1 into ``fits``)."""
+    grids = {name: np.array(ds[name].values, copy=True) for name in SPREADS if name in ds}
+    rows, cols = chunk.cells
+    which = of_particle[rows] + 1
+    for j, cal in enumerate(fits):
+        sel = which == j
+        if not sel.any():
             continue
-        raw = {name: grid[pi[rows], fi[rows]] for name, grid in grids.items()}
+        raw = {name: grid[rows[sel], cols[sel]] for name, grid in grids.items()}
         for name, value in apply_calibration(raw, cal).items():
-            grids[name][pi[rows], fi[rows]] = value
-        log.info("encode: spreads of %s calibrated on %d windows (angle x%.3g + %.3g rad, shift x%.3g + %.3g px%s)",
-                 "the other windows" if j == 0 else f"species {cal['species']}", cal["n_windows"],
-                 cal["angle"]["scale"], cal["angle"]["floor"], cal["shift"]["scale"], cal["shift"]["floor"],
-                 f", flip temperature {cal['flip']['temperature']:.3g}" if "flip" in cal else "")
+            if name in grids:
+                grids[name][rows[sel], cols[sel]] = value
     ds = ds.copy()
     for name, grid in grids.items():
         ds[name] = (ds[name].dims, grid, ds[name].attrs)
-    ds.attrs["spread_calibration"] = json.dumps({**pooled, "species": fits}, sort_keys=True)
     return ds
 
 
@@ -432,6 +678,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="windows per forward pass (default: rvae.encode_batch_size of the settings, else 256)")
+    parser.add_argument("--chunk-trajectories", type=int, default=None,
+                        help="trajectories laid out on the (particle, frame) grid at once, which bounds memory "
+                             "(default: rvae.encode_chunk_trajectories of the settings, else as many as fill "
+                             "2^20 trajectory-frames)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_settings_arguments(parser, "rvae")
 
@@ -440,7 +690,8 @@ def run(args: argparse.Namespace) -> int:
     given = bool(args.settings or args.config)
     settings = settings_from_args(args, "rvae") if given else None
     encode_patches(args.patches, args.model, args.output, settings=settings, device=args.device,
-                   batch_size=args.batch_size, progress=not args.no_progress)
+                   batch_size=args.batch_size, progress=not args.no_progress,
+                   chunk_trajectories=args.chunk_trajectories)
     return 0
 
 

@@ -14,7 +14,7 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,23 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def scratch_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` for intermediate stores; removed when the block ends.
+
+    Named like :func:`atomic_output`'s temporaries (``.NAME.tmp-PID-*``), so the scratch of a
+    killed run is removed by the next write of ``path`` (:func:`remove_stale_temporaries`).
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    scratch.mkdir()
+    try:
+        yield scratch
+    finally:
+        _remove(scratch)
+
+
 def json_safe_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     """Zarr attributes must be JSON: turn numpy scalars into Python ones, dicts into JSON text."""
     out: dict[str, Any] = {}
@@ -142,6 +159,62 @@ def write_zarr(
         # still write it because it makes opening remote/large stores one request.
         warnings.simplefilter("ignore", category=UserWarning)
         ds.to_zarr(tmp, mode="w", encoding=encoding or {}, consolidated=True)
+    return Path(path)
+
+
+def write_zarr_parts(
+    parts: Iterable[xr.Dataset],
+    path: str | os.PathLike,
+    *,
+    append_dim: str,
+    provenance: dict[str, Any] | None = None,
+    encoding: Callable[[xr.Dataset], dict[str, Any]] | None = None,
+) -> Path:
+    """Write consecutive parts of one dataset along ``append_dim`` as a Zarr store, atomically.
+
+    Only one part is in memory at a time. The first part sets the store's variables, dtypes,
+    attributes (with ``provenance`` added) and encoding; each later part adds its slice along
+    ``append_dim`` (its variables without that dim are the first part's and are not written
+    again). The store is renamed into place after the last part (see :func:`atomic_output`).
+
+    Parameters
+    ----------
+    parts : iterable of xarray.Dataset
+        Slices of the dataset along ``append_dim``, in order; at least one.
+    path : path-like
+        Destination store (a directory ending in ``.zarr``).
+    append_dim : str
+        The dimension the parts follow each other along.
+    provenance : dict, optional
+        Output of :func:`rvae_tools.provenance.provenance_attrs`.
+    encoding : callable, optional
+        Given the first part, the per-variable encoding for :meth:`xarray.Dataset.to_zarr`.
+    """
+    import zarr
+
+    with atomic_output(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)  # consolidated metadata and zarr 3, as write_zarr
+        first, attrs = True, {}
+        for part in parts:
+            part = part.copy()
+            if first:
+                attrs = json_safe_attrs({**part.attrs, **(provenance or {})})
+            else:
+                part = part.drop_vars([name for name in part.variables if append_dim not in part[name].dims])
+            # Every part carries the store's attributes: an append rewrites them.
+            part.attrs = attrs
+            for name in part.variables:
+                part[name].attrs = json_safe_attrs(dict(part[name].attrs))
+            # Metadata is consolidated once at the end: doing it per part reads every array's again.
+            if first:
+                part.to_zarr(tmp, mode="w", encoding=encoding(part) if encoding else {}, consolidated=False)
+                first = False
+            else:
+                part.to_zarr(tmp, append_dim=append_dim, consolidated=False)
+            del part  # before the next part is made: one part in memory at a time
+        if first:
+            raise ValueError(f"{path}: no parts to write")
+        zarr.consolidate_metadata(tmp)
     return Path(path)
 
 

@@ -260,3 +260,89 @@ def test_an_out_of_plane_model_stores_its_3d_pose_tilt_and_spreads(movie_dir, tm
     p, f = patches.particle.values, patches.frame.values
     assert np.allclose(ds.quaternion.values[p, f], direct["quaternion"], atol=1e-6)
     assert np.allclose(ds.in_plane_angle.values[p, f], direct["in_plane_angle"], atol=1e-5)
+
+
+def _latents(path):
+    """The store as loaded, its provenance left out (it names the settings, which may differ)."""
+    ds = open_zarr(path).load()
+    for key in ("config", "config_hash", "git_commit", "library_versions", "inputs"):
+        ds.attrs.pop(key, None)
+    return ds
+
+
+@pytest.mark.parametrize("species", ["cls", "latent"])
+def test_chunks_of_trajectories_give_the_latents_of_one_chunk(movie_dir, tmp_path, species):
+    movie_dir, _, model_path = movie_dir
+    settings = validate_section("rvae", {**TINY, "species": species, "calibration_windows": 64})
+    encode_patches(movie_dir / "patches.zarr", model_path, tmp_path / "one.zarr", device="cpu",
+                   settings=settings, progress=False)
+    code = main(["encode", str(movie_dir / "patches.zarr"), str(model_path), "-o", str(tmp_path / "chunked.zarr"),
+                 "--device", "cpu", "--no-progress", "--chunk-trajectories", "1",
+                 "--settings", json.dumps(settings)])
+    assert code == 0
+    whole, chunked = _latents(tmp_path / "one.zarr"), _latents(tmp_path / "chunked.zarr")
+    assert whole.sizes == chunked.sizes and whole.sizes["particle"] == 4  # 4 chunks of one trajectory
+    assert set(whole.variables) == set(chunked.variables)
+    assert {"angle_raw", "species", "angle_shape_correction"} <= set(whole.variables)
+    # Encoding and every per-trajectory step are the same; only the sums the angle calibration
+    # is fitted on are added up in another order.
+    xr.testing.assert_allclose(whole, chunked, rtol=1e-5, atol=1e-6)
+    for name in ("species", "track_length", "x", "y", "z", "z_sd", "angle_raw", "angle_sd", "dx", "dy"):
+        assert whole[name].identical(chunked[name]), name
+    assert set(whole.attrs) == set(chunked.attrs)
+    assert whole.attrs["species"] == chunked.attrs["species"]
+    assert whole.attrs["spread_calibration"] == chunked.attrs["spread_calibration"]
+    assert np.allclose(whole.attrs["angle_offset"], chunked.attrs["angle_offset"], atol=1e-9)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left behind
+
+
+def _sparse_patches(path, n_trajectories=12, per_trajectory=4, n_frames=10000, seed=1):
+    """A windows store written directly (not by make_windows): short trajectories of rods spread over a
+    long movie, so the (particle, frame) grid is far larger than the windows."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] - (SIZE - 1) / 2
+    particle = np.repeat(np.arange(n_trajectories) * 3 + 7, per_trajectory)
+    frame = np.concatenate([np.sort(rng.choice(n_frames, per_trajectory, replace=False)) for _ in range(n_trajectories)])
+    angle = rng.uniform(-np.pi, np.pi, particle.size)
+    u = xx * np.cos(angle)[:, None, None] + yy * np.sin(angle)[:, None, None]
+    v = -xx * np.sin(angle)[:, None, None] + yy * np.cos(angle)[:, None, None]
+    windows = np.exp(-(u / 5.0) ** 2 - (v / 1.5) ** 2) + rng.normal(0, 0.02, (particle.size, SIZE, SIZE))
+    order = np.lexsort((particle, frame))  # the store's order: by frame
+    obs = {"particle": particle[order], "frame": frame[order],
+           "x": rng.uniform(0, 500, particle.size), "y": rng.uniform(0, 500, particle.size)}
+    ds = xr.Dataset({"window": (("obs", "wy", "wx"), windows[order].astype(np.float32))},
+                    coords={name: ("obs", value) for name, value in obs.items()},
+                    attrs={"n_frames": n_frames, "frame_first": 0, "frame_step": 1})
+    write_zarr(ds, path, encoding={"window": {"chunks": (32, SIZE, SIZE)}})
+    return n_trajectories * n_frames
+
+
+def test_encode_memory_is_bounded_by_a_chunk_of_trajectories(tmp_path):
+    import tracemalloc
+
+    from rvae_tools.rvae import RVAE
+
+    cells = _sparse_patches(tmp_path / "patches.zarr")
+    model = RVAE(SIZE, **TINY)
+    settings = validate_section("rvae", {**TINY, "calibration_windows": 0, "species": "single"})
+    # What the whole grid's latents alone take: 7 float32 scalars, z and z_sd, and x, y in float64.
+    grid_bytes = cells * (4 * (7 + 2 * TINY["latent_dim"]) + 2 * 8)
+    peaks = {}
+    for size in (None, 3):
+        out = tmp_path / f"latents_{size}.zarr"
+        tracemalloc.start()
+        try:
+            encode_patches(tmp_path / "patches.zarr", "none.pt", out, model=model, settings=settings,
+                           device="cpu", progress=False, chunk_trajectories=size)
+            peaks[size] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        ds = open_zarr(out)
+        assert ds.sizes["particle"] == 12 and ds.sizes["frame"] == 10000
+        assert int(np.isfinite(ds.angle_raw.values).sum()) == 48
+    # The check sees the grid: in one chunk (as encode held it before) the peak is above the
+    # grid's latents alone ...
+    assert peaks[None] > grid_bytes, (peaks, grid_bytes)
+    # ... and it falls with the chunk: 3 of the 12 trajectories at a time (1/4 of the grid;
+    # measured 4.4 against 24 MB).
+    assert peaks[3] < peaks[None] / 3, (peaks, grid_bytes)

@@ -65,8 +65,8 @@ FINGERPRINT_FILE = "fingerprint.json"
 #: (its effect on the batch order is recorded as ``in_memory``), whether the best epoch's
 #: weights are restored at the end (checkpoints hold both), and ``epochs`` unless the schedule
 #: depends on it.
-RUN_ONLY_SETTINGS = {"encode_batch_size", "encode_method", "calibration_windows", "pooled", "memory_mb",
-                     "restore_best", "epochs"}
+RUN_ONLY_SETTINGS = {"encode_batch_size", "encode_method", "encode_chunk_trajectories", "calibration_windows",
+                     "pooled", "memory_mb", "restore_best", "epochs"}
 
 
 def split_indices(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
