@@ -133,7 +133,9 @@ def test_pooled_detection_f1_over_the_three_real_rod_images():
     """All three omnipose images from a plain movie entry, pooled over their cells.
 
     Pooled F1 0.825 with the detector at the full inspected width; 0.857 with elongated
-    particles at ROD_WIDTH_SHARE of it (0.848 leave-one-image-out). The floor leaves a margin.
+    particles at ROD_WIDTH_SHARE of it (0.848 leave-one-image-out); 0.875 with the area floor
+    at MIN_AREA_SHARE of the typical area instead of a quarter (0.872 leave-one-image-out).
+    The floor leaves a margin.
     """
     import tifffile
 
@@ -143,7 +145,7 @@ def test_pooled_detection_f1_over_the_three_real_rod_images():
         s = bench.score_rods(tifffile.imread(RODS / f"{name}.tif").astype(np.float64),
                              tifffile.imread(RODS / "masks" / f"{name}_cp_masks.tif"))
         tp, fp, fn = tp + s["tp"], fp + s["fp"], fn + s["fn"]
-    assert 2 * tp / (2 * tp + fp + fn) >= 0.84
+    assert 2 * tp / (2 * tp + fp + fn) >= 0.86
 
 
 def _dark_colony(seed: int, n: int = 70, shape=(160, 160), length: float = 30.0, width: float = 9.0):
