@@ -100,6 +100,8 @@ def _hostile_config(work: Path) -> dict:
         "ckpt": {"simulate": {}, "segment": {"checkpoint": str(checkpoint.relative_to(work))}},
         "loc": {"simulate": {}, "segment": {"method": "locate"}},  # segment_locate
         "chunked": {"simulate": {}, "segment": {"frame_chunk": 2}},  # segment_chunk x 2, segment_gather
+        # segment_chunk_detector x 2, segment_gather_detector (a user movie's classical detector)
+        "plainchunked": {"path": str(movie.relative_to(work)), "segment": {"frame_chunk": 2}},
     }
     return config
 
@@ -183,7 +185,7 @@ def test_hostile_config_values_never_reach_the_shell_unquoted(tmp_path):
         received.setdefault(rule, set()).update(strings)
 
     # The hostile strings arrived intact, as single arguments or inside the settings JSON.
-    for rule in ("ingest", "simulate", "train_segmenter", "segment", "segment_locate", "segment_chunk", "dynamics"):
+    for rule in ("ingest", "simulate", "train_segmenter", "segment", "segment_locate", "segment_chunk", "segment_chunk_detector", "dynamics"):
         assert HOSTILE in received[rule] or f"{HOSTILE}.npz" in received[rule] or f"{HOSTILE}.pt" in received[rule], rule
     assert f"{HOSTILE}.npz" in received["ingest"]
     assert f"{HOSTILE}.pt" in received["segment"]

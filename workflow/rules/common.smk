@@ -171,6 +171,11 @@ def _frame_chunk(movie):
 #: `segment` job.
 SEGMENT_CHUNKED = [m for m in SEGMENT_UNET if _frame_chunk(m) > 0]
 SEGMENT_WHOLE = [m for m in SEGMENT_UNET if m not in SEGMENT_CHUNKED]
+#: The same for the detectors without a network (classical, locate): `segment_chunk_detector`
+#: jobs joined by `segment_gather_detector`, else one `segment_classical`/`segment_locate` job.
+SEGMENT_CHUNKED_DETECTOR = [m for m in SEGMENT_CLASSICAL + SEGMENT_LOCATE if _frame_chunk(m) > 0]
+SEGMENT_CLASSICAL_WHOLE = [m for m in SEGMENT_CLASSICAL if m not in SEGMENT_CHUNKED_DETECTOR]
+SEGMENT_LOCATE_WHOLE = [m for m in SEGMENT_LOCATE if m not in SEGMENT_CHUNKED_DETECTOR]
 
 
 def frame_chunks(movie):
@@ -202,13 +207,18 @@ def segment_chunk_parts(wildcards):
             "probability": [f"{base}/{i}.probability.zarr" for i in chunks]}
 
 
-def chunk_runtime(base, per_input_mb):
-    """resources: minutes for one chunk, the movie's share of runtime_from_input(base, per_input_mb)."""
+def segment_chunk_detections(wildcards):
+    """The detections tables of all of a movie's chunks, in frame order (no probability map)."""
+    return segment_chunk_parts(wildcards)["detections"]
+
+
+def chunk_runtime(base, per_input_mb, only=None):
+    """resources: minutes for one chunk, the movie's share of runtime_from_input(base, per_input_mb, only)."""
 
     def _runtime(wildcards, input):
         start, stop = _chunk_range(wildcards)
         share = (stop - start) / movie_frames(config, wildcards.movie)
-        return int(base + per_input_mb * share * input_mb(_sized_inputs(input, None)))
+        return int(base + per_input_mb * share * input_mb(_sized_inputs(input, only)))
 
     return _runtime
 

@@ -8,7 +8,8 @@
 # Which rule makes a movie's detections is decided by its `segment.method` (auto = unet for a
 # simulated movie, classical for a user movie): unet through `segment` (detections +
 # probability map; with segment.frame_chunk, `segment_chunk` jobs joined by `segment_gather`),
-# classical through `segment_classical`, locate through `segment_locate`.
+# classical through `segment_classical`, locate through `segment_locate` (with
+# segment.frame_chunk: `segment_chunk_detector` jobs joined by `segment_gather_detector`).
 # A unet movie without `segment.checkpoint` gets its own network from `train_segmenter`
 # (trained on the movie's own simulator settings, or, for a user movie, self-trained on the
 # classical detector's regions in the movie itself); with a checkpoint the training is skipped.
@@ -175,7 +176,7 @@ rule segment_locate:
     output:
         detections=f"{RESULTS}/{{movie}}/detections.parquet",
     wildcard_constraints:
-        movie=_movie_pattern(SEGMENT_LOCATE),
+        movie=_movie_pattern(SEGMENT_LOCATE_WHOLE),
     params:
         settings=settings("segment"),
         inspect=inspect_args,
@@ -202,7 +203,7 @@ rule segment_classical:
     output:
         detections=f"{RESULTS}/{{movie}}/detections.parquet",
     wildcard_constraints:
-        movie=_movie_pattern(SEGMENT_CLASSICAL),
+        movie=_movie_pattern(SEGMENT_CLASSICAL_WHOLE),
     params:
         settings=settings("segment"),
         inspect=inspect_args,
@@ -219,3 +220,57 @@ rule segment_classical:
     shell:
         "rvae-tools segment {input.movie:q} -o {output.detections:q} --settings {params.settings:q}"
         " {params.inspect} > {log:q} 2>&1"
+
+
+# segment.frame_chunk for the detectors without a network (classical, locate): the same split,
+# without checkpoint or probability map. Their settings left at `auto` come from the movie's
+# inspect.json (one earlier job over the whole movie), so every chunk detects as one job does.
+rule segment_chunk_detector:
+    """Detect particles with the classical detector or trackpy.locate in one chunk of frames: its rows of detections.parquet."""
+    input:
+        unpack(inspect_input),
+        movie=f"{RESULTS}/{{movie}}/movie.zarr",
+    output:
+        detections=temp(f"{RESULTS}/{{movie}}/segment_chunks/{{chunk}}.detections.parquet"),
+    wildcard_constraints:
+        movie=_movie_pattern(SEGMENT_CHUNKED_DETECTOR),
+        chunk=r"\d+",
+    params:
+        settings=settings("segment"),
+        inspect=inspect_args,
+        frames=segment_chunk_frames,
+    log:
+        f"{RESULTS}/logs/segment_chunk/{{movie}}/{{chunk}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/segment_chunk/{{movie}}/{{chunk}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=mem_mb_from_input(1500, 3, only=["movie"]),
+        runtime=chunk_runtime(10, 1, only=["movie"]),
+    conda:
+        "../envs/segment.yaml"
+    shell:
+        "rvae-tools segment {input.movie:q} -o {output.detections:q} --frames {params.frames} "
+        "--settings {params.settings:q} {params.inspect} > {log:q} 2>&1"
+
+
+rule segment_gather_detector:
+    """Join a movie's frame chunks into detections.parquet, as one segment_classical or segment_locate job writes it."""
+    input:
+        detections=segment_chunk_detections,
+    output:
+        detections=f"{RESULTS}/{{movie}}/detections.parquet",
+    wildcard_constraints:
+        movie=_movie_pattern(SEGMENT_CHUNKED_DETECTOR),
+    log:
+        f"{RESULTS}/logs/segment_gather/{{movie}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/segment_gather/{{movie}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=runtime_from_input(10, 0.05),
+    conda:
+        "../envs/segment.yaml"
+    shell:
+        "rvae-tools segment-gather -o {output.detections:q} --parts {input.detections:q} > {log:q} 2>&1"
