@@ -178,12 +178,18 @@ SEGMENT_CLASSICAL_WHOLE = [m for m in SEGMENT_CLASSICAL if m not in SEGMENT_CHUN
 SEGMENT_LOCATE_WHOLE = [m for m in SEGMENT_LOCATE if m not in SEGMENT_CHUNKED_DETECTOR]
 
 
+_FRAME_CHUNKS = {}
+
+
 def frame_chunks(movie):
     """[(start, stop), ...]: the movie's frames in runs of segment.frame_chunk (the last one
     shorter). The frame count comes from the simulator's settings or the file's header, so the
-    chunks are known when the workflow starts, before ingest."""
-    n, size = movie_frames(config, movie), _frame_chunk(movie)
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
+    chunks are known when the workflow starts, before ingest; read once per movie (every chunk
+    job's input, params and resources ask)."""
+    if movie not in _FRAME_CHUNKS:
+        n, size = movie_frames(config, movie), _frame_chunk(movie)
+        _FRAME_CHUNKS[movie] = [(start, min(start + size, n)) for start in range(0, n, size)]
+    return _FRAME_CHUNKS[movie]
 
 
 def _chunk_range(wildcards):
@@ -217,7 +223,7 @@ def chunk_runtime(base, per_input_mb, only=None):
 
     def _runtime(wildcards, input):
         start, stop = _chunk_range(wildcards)
-        share = (stop - start) / movie_frames(config, wildcards.movie)
+        share = (stop - start) / frame_chunks(wildcards.movie)[-1][1]
         return int(base + per_input_mb * share * input_mb(_sized_inputs(input, only)))
 
     return _runtime
