@@ -349,7 +349,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--methods",
         default=None,
-        help="encode methods, comma-separated (default: the config's encode_method; also fast, exact)",
+        help="encode methods, comma-separated (default: the config's encode_method and refine_angle; "
+        "exact, fast, encoder, each optionally +refine (angle refined continuously) or +grid (not))",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint to reuse: loaded when it exists, else trained and saved there (default: train)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -381,8 +387,13 @@ def main(argv=None) -> int:
         f"movie 1: {len(train)} windows trained on, {len(held)} held out; data in {time.perf_counter() - t0:.0f} s",
         flush=True,
     )
-    model = RVAE(x.shape[1], latent_dim=2, seed=args.seed)
-    model.fit(x[train], epochs=args.epochs, device="cpu", progress=False)
+    if args.model and Path(args.model).exists():
+        model = RVAE.load(args.model)
+    else:
+        model = RVAE(x.shape[1], latent_dim=2, seed=args.seed)
+        model.fit(x[train], epochs=args.epochs, device="cpu", progress=False)
+        if args.model:
+            model.save(args.model)
     figures: dict = {
         "n_windows_movie1": len(x),
         "n_held_out_movie1": len(held),
@@ -411,20 +422,38 @@ def main(argv=None) -> int:
     pair_idx = score2[rng.permutation(len(score2))[:256]]
     from rvae_tools.config import validate_section
 
-    methods = args.methods or validate_section("rvae", {})["encode_method"]
+    defaults = validate_section("rvae", {})
+    methods = args.methods or defaults["encode_method"] + (
+        "+refine" if defaults["refine_angle"] else "+grid"
+    )
     for method in [m.strip() for m in methods.split(",") if m.strip()]:
+        how, _, variant = method.partition("+")
+        refine = defaults["refine_angle"] if not variant else variant == "refine"
 
-        def encode(w, method=method):
-            return model.encode(w, device="cpu", method=method)
+        def encode(w, how=how, refine=refine):
+            return model.encode(w, device="cpu", method=how, refine=refine)
+
+        def reconstruct(w):
+            return model.reconstruct(w, device="cpu")
+
+        # Refined angles are calibrated on copies with fresh noise (as encode calibrates them).
+        if not (refine and how != "encoder"):
+            reconstruct = None
 
         t1 = time.perf_counter()
         self1 = {
-            names[k]: fit_calibration(encode, x[rows], seed=args.seed, flip=symmetry[k] % 2 == 1)
+            names[k]: fit_calibration(
+                encode, x[rows], seed=args.seed, flip=symmetry[k] % 2 == 1, reconstruct=reconstruct
+            )
             for k, rows in cal_idx.items()
         }
         self2 = {
             names[k]: fit_calibration(
-                encode, second["windows"][rows], seed=args.seed, flip=symmetry[k] % 2 == 1
+                encode,
+                second["windows"][rows],
+                seed=args.seed,
+                flip=symmetry[k] % 2 == 1,
+                reconstruct=reconstruct,
             )
             for k, rows in cal2_idx.items()
         }

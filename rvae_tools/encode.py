@@ -226,7 +226,9 @@ def encode_patches(
     if known and "orientation" not in patches.variables:
         raise InputError(f"{patches_path}: no orientation coordinate; the model {model_path} is conditioned on "
                          "each window's known angle (rvae.condition: angle) and reads it from there")
-    encode_kwargs = {"batch_size": batch_size, "device": device, "method": method}
+    # Without settings, the checkpoint's own (filled with the schema's default when it predates the key).
+    refine = bool((settings if settings is not None else model_config).get("refine_angle", False))
+    encode_kwargs = {"batch_size": batch_size, "device": device, "method": method, "refine": refine}
     with scratch_path(output) as scratch:
         bar = tqdm(total=n_obs, unit="win", desc="encode", file=sys.stderr, disable=not progress,
                    mininterval=1.0 if sys.stderr.isatty() else 15.0)
@@ -249,7 +251,8 @@ def encode_patches(
         # After the species are known: each species' windows miss by their own amounts.
         spreads = _fit_spreads(model, window, patches_path, particle, frame, layout, fit, settings, seed,
                                **encode_kwargs)
-        attrs = _store_attrs(patches, window, model, model_path, n_obs, method, fit, spreads)
+        attrs = _store_attrs(patches, window, model, model_path, n_obs, method, fit, spreads,
+                             refined=_refines(model, method, refine))
         parts = (_final_chunk(layout, chunk, outputs, patches, model, fit, corrections, spreads, attrs)
                  for chunk in layout.chunks())
         write_zarr_parts(parts, output, append_dim="particle", encoding=layout.encoding,
@@ -516,7 +519,8 @@ def _final_chunk(layout: Layout, chunk: Chunk, outputs: Any, patches: xr.Dataset
     return ds
 
 
-def _store_attrs(patches, window, model, model_path, n_obs, method, fit, spreads) -> dict[str, Any]:
+def _store_attrs(patches, window, model, model_path, n_obs, method, fit, spreads, *,
+                 refined: bool = False) -> dict[str, Any]:
     """The latents store's attributes (provenance aside)."""
     model_config = getattr(model, "config", {}) or {}
     attrs: dict[str, Any] = {
@@ -529,6 +533,7 @@ def _store_attrs(patches, window, model, model_path, n_obs, method, fit, spreads
         "model_path": str(model_path),
         "model_config": json.dumps(model_config, sort_keys=True, default=str),
         "encode_method": method or model_config.get("encode_method", "exact"),
+        "refine_angle": bool(refined),
         "uncertainty": ("angle_sd, dx_sd, dy_sd: the model's spread (rotation posterior within the angle's "
                         "half-circle plus the likelihood's curvature at the encoded pose, counting the residual's "
                         "spatial correlation) calibrated as "
@@ -580,10 +585,18 @@ def _fit_spreads(model, window, patches_path, particle, frame, layout, fit, sett
     symmetry = [int(e["symmetry"]) for e in fit.table] if fit is not None else []
     names = [e.get("name") for e in fit.table] if fit is not None else []
 
+    # Refined angles follow a copy's shared noise: their calibration gives the copy fresh noise
+    # made from each window's residual (rvae_tools.rvae.uncertainty.fit_calibration).
+    reconstruct = None
+    if _refines(model, encode_kwargs.get("method"), encode_kwargs.get("refine", False)):
+        def reconstruct(w):
+            return model.reconstruct(w, batch_size=encode_kwargs["batch_size"], device=encode_kwargs["device"])
+
     def calibrate(rows, flip=False):
         sel = np.sort(rng.choice(rows, size=min(n_cal, rows.size), replace=False))
         wins = _read_windows(window, sel, patches_path, particle, frame)
-        return fit_calibration(lambda w: _encode_windows(model, w, **encode_kwargs), wins, seed=int(seed), flip=flip)
+        return fit_calibration(lambda w: _encode_windows(model, w, **encode_kwargs), wins, seed=int(seed), flip=flip,
+                               reconstruct=reconstruct)
 
     pooled = calibrate(np.arange(n))
     of_species = np.full(len(symmetry), -1)
@@ -630,17 +643,30 @@ def _apply_spreads(ds: xr.Dataset, chunk: Chunk, of_particle: np.ndarray, fits: 
     return ds
 
 
-def _encode_windows(model: Any, wins: np.ndarray, *, batch_size, device, method,
-                    angles: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The model's outputs for one block of windows (``method`` only for models that take it; ``angles``,
-    rad, for the angle-conditional model)."""
+def _takes(model: Any, name: str) -> bool:
+    """Whether ``model.encode`` has the keyword ``name``."""
     import inspect
 
+    return name in inspect.signature(model.encode).parameters
+
+
+def _refines(model: Any, method: str | None, refine: bool) -> bool:
+    """Whether ``refine`` refines the angles off the rotation grid (a rotation search that decodes)."""
+    model_config = getattr(model, "config", {}) or {}
+    return bool(refine and _takes(model, "refine") and getattr(model, "rotations", 1) > 1
+                and (method or model_config.get("encode_method", "exact")) != "encoder")
+
+
+def _encode_windows(model: Any, wins: np.ndarray, *, batch_size, device, method, refine=False,
+                    angles: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The model's outputs for one block of windows (``method`` and ``refine`` only for models that take
+    them; ``angles``, rad, for the angle-conditional model)."""
     kwargs = {"batch_size": batch_size, "device": device}
     if angles is not None:
         kwargs["angles"] = angles
-    if method is not None and "method" in inspect.signature(model.encode).parameters:
-        kwargs["method"] = method
+    for name, value in (("method", method), ("refine", refine)):
+        if value is not None and _takes(model, name):
+            kwargs[name] = value
     return model.encode(wins, **kwargs)
 
 

@@ -328,13 +328,14 @@ class RVAE:
         refine : bool
             For ``exact`` and ``fast`` with an equivariant encoder: refine the angle
             continuously around the best rotation bin (:meth:`_refine_angle`), so angles are
-            not quantised to the r rotations' grid; ``False`` (default) reports the best bin's
-            angle. Off by default until the spread calibration
-            (:func:`.uncertainty.fit_calibration`) accounts for it: its pairs share their noise,
-            and the refined angles of a pair agree so closely that the fitted floor shrinks
-            (L windows, tests/test_rvae.py: 0.023 to 0.0026 rad) while the error against the
-            truth drops less (median 1.36 to 1.10 degrees), so 68 % intervals cover 0.44.
-            On the real rotated colony of tests/test_realdata_rotated.py (3 epochs, seed 0)
+            not quantised to the r rotations' grid; ``False`` (default here) reports the best
+            bin's angle. ``rvae-tools encode`` takes it from the ``refine_angle`` setting
+            (default true). The spread calibration
+            (:func:`.uncertainty.fit_calibration`) gives each window's transformed copy fresh
+            noise: with copies that shared their noise the refined angles of a pair agreed so
+            closely that the fitted floor shrank (L windows, tests/test_rvae.py: 0.023 to
+            0.0026 rad) while the error against the truth dropped less (median 1.36 to 1.10
+            degrees), and 68 % intervals covered 0.44. On the real rotated colony of tests/test_realdata_rotated.py (3 epochs, seed 0)
             it raised the angle's agreement with the mask ellipses from 0.955 to 0.979 (the
             detector's image moments: 0.972) and its following of the known turn from 0.942 to
             0.990; encode speed (default architecture, one thread) exact 1.0x, fast 0.8x.

@@ -61,12 +61,13 @@ _CKPT = re.compile(r"^epoch-(\d{4,})\.pt$")
 KEEP_CHECKPOINTS = 3
 FINGERPRINT_FILE = "fingerprint.json"
 #: Settings that do not change the trained weights: how encoding runs (batch, method,
-#: calibration), which stores are pooled (the windows' checksum covers that), the memory budget
+#: angle refinement, calibration), which stores are pooled (the windows' checksum covers that),
+#: the memory budget
 #: (its effect on the batch order is recorded as ``in_memory``), whether the best epoch's
 #: weights are restored at the end (checkpoints hold both), and ``epochs`` unless the schedule
 #: depends on it.
-RUN_ONLY_SETTINGS = {"encode_batch_size", "encode_method", "encode_chunk_trajectories", "calibration_windows",
-                     "pooled", "memory_mb", "restore_best", "epochs"}
+RUN_ONLY_SETTINGS = {"encode_batch_size", "encode_method", "refine_angle", "encode_chunk_trajectories",
+                     "calibration_windows", "pooled", "memory_mb", "restore_best", "epochs"}
 
 
 def split_indices(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
