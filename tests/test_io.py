@@ -13,10 +13,13 @@ from rvae_tools.io import (
     open_zarr,
     read_json,
     read_table,
+    remove_stale_temporaries,
+    scratch_path,
     table_metadata,
     write_json,
     write_table,
     write_zarr,
+    write_zarr_parts,
 )
 from rvae_tools.provenance import provenance_attrs
 
@@ -113,3 +116,52 @@ def test_killed_write_leftovers_are_removed_by_the_next_write(tmp_path):
     write_json({"a": 1}, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out.zarr"])
     assert read_json(target) == {"a": 1}
+
+
+def _whole(n=7):
+    rng = np.random.default_rng(3)
+    return xr.Dataset(
+        {"a": (("particle", "frame"), rng.normal(size=(n, 5)).astype(np.float32), {"units": "rad"}),
+         "b": (("particle",), np.arange(n) * 2)},
+        coords={"particle": np.arange(n) + 10, "frame": np.arange(5),
+                "name": ("particle", np.array([f"p{i}" * (i % 3 + 1) for i in range(n)], dtype=object))},
+        attrs={"what": "test", "order": [2, 1]})
+
+
+def test_parts_written_along_a_dim_make_the_whole_store(tmp_path):
+    whole = _whole()
+    parts = (whole.isel(particle=slice(lo, lo + 3)) for lo in range(0, 7, 3))  # 3 + 3 + 1 particles
+    write_zarr_parts(parts, tmp_path / "parts.zarr", append_dim="particle",
+                     encoding=lambda first: {"a": {"chunks": (3, 5)}},
+                     provenance={"stage": "test"})
+    back = open_zarr(tmp_path / "parts.zarr").load()
+    assert back.attrs["stage"] == "test" and back.attrs["what"] == "test" and list(back.attrs["order"]) == [2, 1]
+    assert back["a"].attrs["units"] == "rad"
+    expected = whole.copy()
+    back.attrs = expected.attrs = {}
+    xr.testing.assert_identical(back, expected)  # values, dtypes (strings too), coords and variable attrs
+
+
+def test_a_failing_part_leaves_no_store(tmp_path):
+    whole = _whole()
+
+    def parts():
+        yield whole.isel(particle=slice(0, 3))
+        raise RuntimeError("chunk 2 failed")
+
+    with pytest.raises(RuntimeError, match="chunk 2"):
+        write_zarr_parts(parts(), tmp_path / "parts.zarr", append_dim="particle")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_scratch_is_removed_and_named_for_stale_cleanup(tmp_path):
+    target = tmp_path / "latents.zarr"
+    with pytest.raises(KeyboardInterrupt), scratch_path(target) as scratch:
+        (scratch / "windows.zarr").mkdir()
+        assert scratch.parent == tmp_path and scratch.name.startswith(".latents.zarr.tmp-")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    # A scratch folder a killed process left (a PID that is not running) goes with the next write.
+    left = tmp_path / ".latents.zarr.tmp-999999999-abcdef12"
+    left.mkdir()
+    assert remove_stale_temporaries(target) == [left] and not left.exists()
