@@ -296,6 +296,15 @@ def test_chunks_of_trajectories_give_the_latents_of_one_chunk(movie_dir, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left behind
 
 
+def test_a_chunk_of_no_trajectories_is_a_clear_error(movie_dir, tmp_path, capsys):
+    movie_dir, _, model_path = movie_dir
+    code = main(["encode", str(movie_dir / "patches.zarr"), str(model_path), "-o", str(tmp_path / "l.zarr"),
+                 "--device", "cpu", "--no-progress", "--chunk-trajectories", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--chunk-trajectories must be a positive number of trajectories, got 0" in err
+    assert "Traceback" not in err and not (tmp_path / "l.zarr").exists()
+
+
 def _sparse_patches(path, n_trajectories=12, per_trajectory=4, n_frames=10000, seed=1):
     """A windows store written directly (not by make_windows): short trajectories of rods spread over a
     long movie, so the (particle, frame) grid is far larger than the windows."""
