@@ -443,7 +443,12 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         self1 = {
             names[k]: fit_calibration(
-                encode, x[rows], seed=args.seed, flip=symmetry[k] % 2 == 1, reconstruct=reconstruct
+                encode,
+                x[rows],
+                seed=args.seed,
+                flip=symmetry[k] % 2 == 1,
+                reconstruct=reconstruct,
+                order=symmetry[k],
             )
             for k, rows in cal_idx.items()
         }
@@ -454,6 +459,7 @@ def main(argv=None) -> int:
                 seed=args.seed,
                 flip=symmetry[k] % 2 == 1,
                 reconstruct=reconstruct,
+                order=symmetry[k],
             )
             for k, rows in cal2_idx.items()
         }

@@ -592,11 +592,11 @@ def _fit_spreads(model, window, patches_path, particle, frame, layout, fit, sett
         def reconstruct(w):
             return model.reconstruct(w, batch_size=encode_kwargs["batch_size"], device=encode_kwargs["device"])
 
-    def calibrate(rows, flip=False):
+    def calibrate(rows, flip=False, order=None):
         sel = np.sort(rng.choice(rows, size=min(n_cal, rows.size), replace=False))
         wins = _read_windows(window, sel, patches_path, particle, frame)
         return fit_calibration(lambda w: _encode_windows(model, w, **encode_kwargs), wins, seed=int(seed), flip=flip,
-                               reconstruct=reconstruct)
+                               reconstruct=reconstruct, order=order)
 
     pooled = calibrate(np.arange(n))
     of_species = np.full(len(symmetry), -1)
@@ -605,7 +605,7 @@ def _fit_spreads(model, window, patches_path, particle, frame, layout, fit, sett
         rows = np.nonzero(labels == k)[0]
         if rows.size < MIN_SPECIES_WINDOWS or order == 0:
             continue
-        cal = calibrate(rows, flip=int(order) % 2 == 1)
+        cal = calibrate(rows, flip=int(order) % 2 == 1, order=int(order))
         cal["species"] = names[k] if k < len(names) else k
         of_species[k] = len(fits)
         fits.append(cal)
@@ -620,6 +620,11 @@ def _fit_spreads(model, window, patches_path, particle, frame, layout, fit, sett
                      "px%s)", "the other windows" if j == 0 else f"species {cal['species']}", cal["n_windows"],
                      cal["angle"]["scale"], cal["angle"]["floor"], cal["shift"]["scale"], cal["shift"]["floor"],
                      f", flip temperature {cal['flip']['temperature']:.3g}" if "flip" in cal else "")
+            if cal.get("moment_check", {}).get("worse_than_moments"):
+                check = cal["moment_check"]
+                log.warning("encode: species %s: its angles disagree with the windows' own principal axes "
+                            "(consistency %.2f modulo pi) beyond either's error; angle_sd widened by %.3g rad",
+                            cal.get("species"), check["consistency"], check["floor"])
     return {"fits": [pooled, *fits], "of_particle": of_particle,
             "attr": json.dumps({**pooled, "species": fits}, sort_keys=True)}
 

@@ -220,3 +220,73 @@ def test_error_calibration_covers_heavy_tailed_errors_and_unseen_flips():
         assert abs(angle_inside(err["angle"], out["angle_sd"], out["flip_prob"], level, out["angle_dof"]).mean() - level) < 0.03
         k = interval_factor(level, out["dx_dof"])
         assert abs(np.mean(np.abs(err["dx"]) <= k * out["dx_sd"]) - level) < 0.03
+
+
+def _rods(n: int, seed: int, size: int = 32):
+    """Gaussian rods (length 4-6 px sd, width 1.3 px) at random angles, brightness 0.75 +/- 0.08 on 0.1, noise 0.03."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.indices((size, size), dtype=float) - (size - 1) / 2
+    angles = rng.uniform(-math.pi, math.pi, n)
+    length = rng.uniform(4.0, 6.0, n)
+    bright = np.clip(rng.normal(0.75, 0.08, n), 0.4, 1.1)
+    u = np.cos(angles)[:, None, None] * xx + np.sin(angles)[:, None, None] * yy
+    v = -np.sin(angles)[:, None, None] * xx + np.cos(angles)[:, None, None] * yy
+    clean = 0.1 + bright[:, None, None] * np.exp(-0.5 * (u / length[:, None, None]) ** 2 - 0.5 * (v / 1.3) ** 2)
+    return (clean + rng.normal(0, 0.03, clean.shape)).astype(np.float32), angles
+
+
+def _fake_encoder(shared_error: float):
+    """An encoder that is consistent under rotation (the principal axis of the window's intensity
+    squared above its median within 12 px: another weighting and radius than ``moment_axis``'s) plus
+    an error that depends only on the rod's peak brightness (smoothed, so noise barely moves it),
+    which a rotated copy shares: invisible to the self-consistency pairs (normal, sd ``shared_error``
+    rad, as the brightness is). Claims a spread of 0.01 rad."""
+    from scipy import ndimage
+
+    def peak(w):
+        return ndimage.gaussian_filter(np.asarray(w, dtype=np.float64), (0, 2, 2)).max(axis=(1, 2))
+
+    ref = peak(_rods(400, 99)[0])
+    centre, spread = np.median(ref), ref.std()
+
+    def encode(w):
+        w = np.asarray(w, dtype=np.float64)
+        yy, xx = np.indices(w.shape[1:], dtype=float) - (w.shape[1] - 1) / 2
+        weight = np.clip(w - np.median(w, axis=(1, 2), keepdims=True), 0, None) ** 2 * (xx**2 + yy**2 <= 144)
+        mass = weight.sum((1, 2))
+        sxx, syy, sxy = ((weight * a * b).sum((1, 2)) / mass for a, b in ((xx, xx), (yy, yy), (xx, yy)))
+        axis = 0.5 * np.arctan2(2 * sxy, sxx - syy)
+        angle = axis + shared_error * (peak(w) - centre) / spread
+        n = len(w)
+        zero, small = np.zeros(n), np.full(n, 0.01)
+        return {"angle": np.remainder(angle + math.pi, 2 * math.pi) - math.pi, "angle_sd": small,
+                "flip_prob": np.full(n, 0.5), "dx": zero, "dy": zero, "dx_sd": small, "dy_sd": small}
+
+    return encode
+
+
+@pytest.mark.parametrize("shared_error", [0.0, 0.3])
+def test_moment_check_widens_an_angle_whose_error_the_pairs_share_and_leaves_a_good_one(shared_error):
+    from scipy import ndimage
+
+    from rvae_tools.rvae.uncertainty import fit_calibration
+
+    encode = _fake_encoder(shared_error)
+    cal_x, _ = _rods(400, 1)
+    cal = fit_calibration(encode, cal_x, seed=0, order=2,
+                          reconstruct=lambda w: ndimage.gaussian_filter(np.asarray(w, float), (0, 1.5, 1.5)))
+    x, truth = _rods(400, 2)
+    out = apply_calibration(encode(x), cal)
+    err = np.remainder(out["angle"] - truth + math.pi / 2, math.pi) - math.pi / 2
+    # The fake angle's origin is the image axis (no offset): the error modulo pi against the truth.
+    err -= np.angle(np.mean(np.exp(2j * err))) / 2
+    coverage = {c: float(np.mean(np.abs(err) <= k * out["angle_sd"])) for c, k in ((0.68, 0.994458), (0.95, 1.959964))}
+    check = cal["moment_check"]
+    if shared_error:
+        assert check["worse_than_moments"], check
+        assert abs(coverage[0.68] - 0.68) <= 0.10 and abs(coverage[0.95] - 0.95) <= 0.05, (coverage, check)
+    else:
+        # Right within its self-consistency spread: its disagreement with the moments is theirs.
+        assert check["floor"] < 0.5 * check["disagreement_floor"] + 1e-9 or check["floor"] < 0.02, check
+        assert np.median(out["angle_sd"]) < 0.1
+    assert set(check) >= {"floor", "moment_sd", "consistency", "n"} and check["n"] == 400
