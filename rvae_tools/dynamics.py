@@ -68,9 +68,9 @@ from .config import add_settings_arguments, settings_from_args
 from .errors import InputError
 from .io import open_zarr, read_table, write_zarr
 from .motion import (
-    corrected_positions,
     fit_diffusion,
     fit_diffusion_many,
+    frame_drift,
     mean_squared_displacement,
 )
 from .provenance import provenance_attrs
@@ -195,8 +195,11 @@ def delaunay_bonds(xy: np.ndarray, cutoff_factor: float = 1.5) -> np.ndarray:
     except (spatial.QhullError, ValueError):
         return np.empty((0, 2), dtype=int)
     s = tri.simplices
-    edges = np.concatenate([s[:, [0, 1]], s[:, [1, 2]], s[:, [0, 2]]])
-    edges = np.unique(np.sort(edges, axis=1), axis=0)
+    edges = np.sort(np.concatenate([s[:, [0, 1]], s[:, [1, 2]], s[:, [0, 2]]]), axis=1)
+    # Unique on one integer key per bond (i * N + j, the same lexicographic order as unique rows),
+    # many times faster than np.unique(axis=0) on large frames.
+    key = np.unique(edges[:, 0].astype(np.int64) * len(xy) + edges[:, 1])
+    edges = np.column_stack([key // len(xy), key % len(xy)]).astype(s.dtype)
     length = np.linalg.norm(xy[edges[:, 0]] - xy[edges[:, 1]], axis=1)
     return edges[length <= cutoff_factor * np.median(length)]
 
@@ -631,8 +634,8 @@ def phasor_signal(name: str, theta: np.ndarray, order: np.ndarray, species: np.n
 
     Parameters
     ----------
-    theta : array (particle, frame)
-        Angles, rad (NaN = absent).
+    theta : array (particle, frame), or a :class:`RowView` of one
+        Angles, rad (NaN = absent); read ``chunk`` trajectories at a time.
     order : int array (particle,)
         Order ``m`` of each trajectory; 0 leaves it out (isotropic particles have no angle).
     species, units : int arrays (particle,)
@@ -654,11 +657,13 @@ def phasor_signal(name: str, theta: np.ndarray, order: np.ndarray, species: np.n
     variance = np.zeros(shape) if spread else None
     pseudo = np.zeros(shape, dtype=complex) if spread else None
     m_all = np.asarray(order, dtype=float)
+    n_traj = 0
     for lo in range(0, n_p, chunk):
         hi = min(n_p, lo + chunk)
         m = m_all[lo:hi, None]
         th = np.asarray(theta[lo:hi], dtype=float)
         valid = np.isfinite(th) & (m > 0)
+        n_traj += int(valid.any(axis=1).sum())
         u = np.where(valid, np.exp(1j * m * np.where(valid, th, 0.0)), 0.0)
         S = _unit_matrix(units[lo:hi] * n_species + species[lo:hi], shape[0])
         total += S @ u
@@ -676,7 +681,6 @@ def phasor_signal(name: str, theta: np.ndarray, order: np.ndarray, species: np.n
             shrunk += S @ (u * a1)
             variance += S @ np.where(valid, 1.0 - a1 ** 2, 0.0)
             pseudo += S @ (u ** 2 * (a ** 4 - a1 ** 2))
-    n_traj = int(np.isfinite(theta).any(axis=1)[np.asarray(order) > 0].sum())
 
     def cube(v):
         return None if v is None else v.reshape(n_units, n_species, n_f)
@@ -899,6 +903,21 @@ def _class_key(value) -> str:
     return str(value)
 
 
+def _rows_with_values(latents: xr.Dataset, name: str, chunk: int) -> np.ndarray:
+    """(particle,) bool: the trajectory has a finite value of ``name`` in some frame (read in chunks)."""
+    grids = LatentGrids(latents, chunk)
+    return np.concatenate([np.isfinite(grids.raw(name, rows)).any(axis=1)
+                           for rows in _row_chunks(grids.shape[0], chunk)] or [np.zeros(0, dtype=bool)])
+
+
+def _trajectory_means(latents: xr.Dataset, name: str, chunk: int) -> np.ndarray:
+    """(particle, ...) mean over frames of a variable, NaN-aware (read in chunks of trajectories)."""
+    grids = LatentGrids(latents, chunk)
+    with np.errstate(invalid="ignore"), _quiet():
+        return np.concatenate([np.nanmean(grids.raw(name, rows), axis=1)
+                               for rows in _row_chunks(grids.shape[0], chunk)])
+
+
 def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: dict[str, Any],
                    notes: list[str] | None = None) -> tuple[np.ndarray, list[dict[str, Any]], str]:
     """Species index of every trajectory, the species table, and how it was assigned.
@@ -935,8 +954,9 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
              for k, s in enumerate(listed)]
     if len(table) == 1 and settings["species_from"] != "cls":
         return np.zeros(n_particles, dtype=int), table, "single"
+    chunk = int(settings.get("chunk", 4096))
     # Trajectories without any window carry no data: their class (often a placeholder) is moot.
-    has_data = np.isfinite(np.asarray(latents["x"].transpose("particle", "frame").values, dtype=float)).any(axis=1)
+    has_data = _rows_with_values(latents, "x", chunk)
     recorded_index = latents.variables.get("species")
     if source == "latents" and recorded_index is not None and recorded_index.dims == ("particle",):
         # The encode stage's own species index of every trajectory (-1 = none found).
@@ -945,8 +965,7 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
             index = np.where(np.isfinite(index), index, -1).astype(int)
             # -1 marks trajectories the encode stage could not place (no finite z): without an
             # angle they add to no species' statistic, so only those with angles must be placed.
-            has_angle = np.isfinite(np.asarray(latents["angle"].transpose("particle", "frame").values,
-                                               dtype=float)).any(axis=1)
+            has_angle = _rows_with_values(latents, "angle", chunk)
             bad = has_angle & ((index < 0) | (index >= len(table)))
             if bad.any():
                 raise InputError(f"latents.zarr: species index of {int(bad.sum())} trajectories with windows is "
@@ -977,9 +996,7 @@ def assign_species(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: d
                          "to tell them apart")
     from sklearn.mixture import GaussianMixture
 
-    z = latents["z"].transpose("particle", "frame", "latent")
-    with np.errstate(invalid="ignore"), _quiet():
-        zmean = np.asarray(z.mean("frame", skipna=True).values, dtype=float)
+    zmean = _trajectory_means(latents, "z", chunk)
     ok = np.isfinite(zmean).all(axis=1)
     species = np.zeros(n_particles, dtype=int)
     if ok.sum() < len(table):
@@ -1022,10 +1039,17 @@ def _tiles(mean_x: np.ndarray, mean_y: np.ndarray, per_side: int) -> np.ndarray 
     return np.where(ok, tiles, -1)
 
 
-def _tracks_matrix(tracks: pd.DataFrame, column: str, particles: np.ndarray, frames: np.ndarray) -> np.ndarray:
-    """(particle, frame) matrix of a tracks column (NaN where absent; mean of duplicates)."""
-    pivot = tracks.pivot_table(index="particle", columns="frame", values=column, aggfunc="mean")
-    return pivot.reindex(index=particles, columns=frames).to_numpy(dtype=float)
+def _tracks_rows(tracks: pd.DataFrame, column: str, particles: np.ndarray, frames: np.ndarray) -> RowView:
+    """(particle, frame) grid of a tracks column, read by trajectory chunks (NaN where absent; mean of duplicates)."""
+    ids = tracks["particle"].to_numpy()
+
+    def read(rows: slice) -> np.ndarray:
+        wanted = particles[rows]
+        part = tracks[np.isin(ids, wanted)]
+        pivot = part.pivot_table(index="particle", columns="frame", values=column, aggfunc="mean")
+        return pivot.reindex(index=wanted, columns=frames).to_numpy(dtype=float)
+
+    return RowView((len(particles), len(frames)), read)
 
 
 def _lcm_orders(symmetry: np.ndarray, order: int) -> np.ndarray:
@@ -1041,18 +1065,152 @@ def _frame_chunks(n_frames: int, per_frame: int, budget: int = 4_000_000):
         yield slice(lo, min(n_frames, lo + step))
 
 
+# --------------------------------------------------------------------------- reading in blocks
+
+
+def _row_chunks(n_rows: int, chunk: int, start: int = 0):
+    """Slices of at most ``chunk`` trajectories covering ``start`` .. ``n_rows``."""
+    for lo in range(start, n_rows, chunk):
+        yield slice(lo, min(n_rows, lo + chunk))
+
+
+@dataclass
+class RowView:
+    """A (particle, frame[, ...]) grid read by trajectory chunks: ``view[lo:hi]`` is a numpy array.
+
+    Steps that work trajectory by trajectory take one instead of a whole grid, so only the
+    chunk they work on is ever in memory.
+    """
+
+    shape: tuple[int, ...]
+    read: Any  #: callable(rows: slice) -> numpy array of those trajectories
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.read(rows)
+
+
+@dataclass
+class LatentGrids:
+    """The (particle, frame) variables of ``latents.zarr``, read a block at a time, never whole.
+
+    :meth:`read` masks as the stage counts values: only where the trajectory has a position
+    (``x`` and ``y`` finite) and, for ``angle``, only for trajectories whose angle means
+    something (``angle_rows``, set once the species are known).
+    """
+
+    latents: xr.Dataset
+    chunk: int = 1024  #: trajectories read at once
+    angle_rows: np.ndarray | None = None  #: (particle,) bool
+    _positions: tuple = ()  #: ((rows, frames), x, y) of the last block read: steps read several variables of one block
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.latents.sizes["particle"], self.latents.sizes["frame"]
+
+    def raw(self, name: str, rows: slice = slice(None), frames: slice = slice(None)) -> np.ndarray:
+        """One variable on (particle, frame[, latent]) for those trajectories and frames, unmasked (float).
+
+        Read ``chunk`` trajectories (or one store chunk of them, if larger) at a time: Zarr
+        decodes every store chunk a selection touches at once, and the store's chunks span
+        many frames, so a block of frames of all trajectories read in one go would decode the
+        whole grid.
+        """
+        v = self.latents[name]
+        stored = v.encoding.get("chunks") or ()
+        along = dict(zip(v.dims, stored)).get("particle", 1)
+        v = v.transpose("particle", "frame", ...)
+        start, stop, _ = rows.indices(self.shape[0])
+        parts = [np.asarray(v.isel(particle=piece, frame=frames).values, dtype=float)
+                 for piece in _row_chunks(stop, max(self.chunk, int(along)), start)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else \
+            np.asarray(v.isel(particle=rows, frame=frames).values, dtype=float)
+
+    def read(self, name: str, rows: slice = slice(None), frames: slice = slice(None)) -> np.ndarray:
+        """One variable (or ``present``) for those trajectories and frames, NaN where it does not count."""
+        x, y = self.positions(rows, frames)
+        present = np.isfinite(x) & np.isfinite(y)
+        if name == "present":
+            return present
+        v = {"x": x, "y": y}.get(name)
+        v = self.raw(name, rows, frames) if v is None else v
+        v = np.where(present.reshape(present.shape + (1,) * (v.ndim - 2)), v, np.nan)
+        if name == "angle" and self.angle_rows is not None:
+            v = np.where(self.angle_rows[rows][:, None], v, np.nan)
+        return v
+
+    def positions(self, rows: slice, frames: slice) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` and ``y`` of one block (px, unmasked), kept until another block is read."""
+        key = (rows.start, rows.stop, rows.step, frames.start, frames.stop, frames.step)
+        cached = self._positions  # one reference: blocks may be computed in threads
+        if not cached or cached[0] != key:
+            cached = (key, self.raw("x", rows, frames), self.raw("y", rows, frames))
+            self._positions = cached
+        return cached[1], cached[2]
+
+    def rows(self, name: str) -> RowView:
+        """A :class:`RowView` of :meth:`read` of one variable."""
+        return RowView(self.shape, lambda rows: self.read(name, rows))
+
+
+@dataclass
+class TrajectoryScan:
+    """What one pass over the trajectories learns before any step: per trajectory and per frame."""
+
+    track_length: np.ndarray  #: (particle,) frames with a position
+    n_present: np.ndarray  #: (frame,) trajectories with a position
+    mean_x: np.ndarray  #: (particle,) px, NaN without a position
+    mean_y: np.ndarray
+    box: tuple[float, float, float, float] | None  #: (x0, x1, y0, y1) of every position, px
+    n_angles: int  #: finite angles where a position is
+    angle_range: tuple[float, float]  #: smallest and largest of them, rad
+
+
+def scan_trajectories(grids: LatentGrids, chunk: int) -> TrajectoryScan:
+    """Counts, mean positions, field of view and the range of the angles, in one pass of trajectory chunks."""
+    n_p, n_f = grids.shape
+    length = np.zeros(n_p, dtype=int)
+    n_present = np.zeros(n_f, dtype=int)
+    mean_x, mean_y = np.full(n_p, np.nan), np.full(n_p, np.nan)
+    lo_hi = [np.inf, -np.inf, np.inf, -np.inf]
+    n_angles, a_lo, a_hi = 0, np.inf, -np.inf
+    for rows in _row_chunks(n_p, chunk):
+        x, y, theta = grids.read("x", rows), grids.read("y", rows), grids.read("angle", rows)
+        present = np.isfinite(x) & np.isfinite(y)
+        length[rows] = present.sum(axis=1)
+        n_present += present.sum(axis=0)
+        with _quiet():
+            mean_x[rows], mean_y[rows] = np.nanmean(x, axis=1), np.nanmean(y, axis=1)
+        if present.any():
+            lo_hi = [min(lo_hi[0], x[present].min()), max(lo_hi[1], x[present].max()),
+                     min(lo_hi[2], y[present].min()), max(lo_hi[3], y[present].max())]
+        finite = theta[np.isfinite(theta)]
+        if finite.size:
+            n_angles += finite.size
+            a_lo, a_hi = min(a_lo, finite.min()), max(a_hi, finite.max())
+    box = tuple(float(v) for v in lo_hi) if np.isfinite(lo_hi[0]) else None
+    return TrajectoryScan(length, n_present, mean_x, mean_y, box, n_angles, (float(a_lo), float(a_hi)))
+
+
 @dataclass
 class Movie:
-    """One movie's trajectories on (particle, frame) and what every step needs to know about them."""
+    """One movie's trajectories and what every step needs to know about them.
+
+    The (particle, frame) grids stay in ``latents.zarr``: ``theta``, ``angle_sd``,
+    ``flip_prob``, ``x`` and ``y`` are :class:`RowView` s read ``chunk`` trajectories at a
+    time, and :meth:`frame_blocks` / :meth:`read` give all trajectories over a few frames.
+    """
 
     frames: np.ndarray
     particles: np.ndarray
-    theta: np.ndarray  #: (particle, frame) rad; NaN where absent, for isotropic species and without angles
-    angle_sd: np.ndarray | None  #: posterior sd of theta, rad (None = not recorded)
-    flip_prob: np.ndarray | None  #: posterior probability of theta + pi (None = not recorded)
-    x: np.ndarray  #: (particle, frame) px, NaN where absent
-    y: np.ndarray
-    present: np.ndarray  #: (particle, frame) bool: a position in this frame
+    grids: LatentGrids
+    theta: RowView  #: (particle, frame) rad; NaN where absent, for isotropic species and without angles
+    angle_sd: RowView | None  #: posterior sd of theta, rad (None = not recorded)
+    flip_prob: RowView | None  #: posterior probability of theta + pi (None = not recorded)
+    x: RowView  #: (particle, frame) px, NaN where absent
+    y: RowView
+    track_length: np.ndarray  #: (particle,) frames with a position
+    n_present: np.ndarray  #: (frame,) trajectories with a position
+    box: tuple[float, float, float, float] | None  #: field of view of every position (x0, x1, y0, y1), px
     species: np.ndarray  #: (particle,) index into ``table``
     table: list[dict[str, Any]]  #: {"name", "symmetry" (0 = isotropic), "source"}
     species_method: str
@@ -1077,9 +1235,22 @@ class Movie:
     def n_species(self) -> int:
         return len(self.table)
 
+    def row_chunks(self):
+        """Slices of at most ``chunk`` trajectories."""
+        return _row_chunks(len(self.particles), self.chunk)
+
+    def frame_blocks(self):
+        """Slices of frames holding about as many values as ``chunk`` whole trajectories (one when the movie has fewer)."""
+        n_p, n_f = len(self.particles), len(self.frames)
+        return _frame_chunks(n_f, n_p, budget=self.chunk * n_f)
+
+    def read(self, name: str, frames: slice) -> np.ndarray:
+        """All trajectories' values of one variable (or ``present``) over a slice of frames."""
+        return self.grids.read(name, frames=frames)
+
 
 def prepare_movie(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: dict[str, Any]) -> Movie:
-    """Arrays on (particle, frame), units, species, symmetry orders and bootstrap units of one movie.
+    """Units, species, symmetry orders and bootstrap units of one movie, with lazy views of its grids.
 
     A trajectory is present in a frame when it has a position there. Angles that are all NaN
     (a pose-less model) or all one value (a model that stores no pose) are "no angles": the
@@ -1090,28 +1261,23 @@ def prepare_movie(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: di
     frames = np.asarray(latents["frame"].values) if "frame" in latents.coords else np.arange(latents.sizes["frame"])
     particles = (np.asarray(latents["particle"].values) if "particle" in latents.coords
                  else np.arange(latents.sizes["particle"]))
-
-    def grid(name):
-        return np.asarray(latents[name].transpose("particle", "frame").values, dtype=float)
-
-    x, y = grid("x"), grid("y")
-    present = np.isfinite(x) & np.isfinite(y)
-    theta = np.where(present, grid("angle"), np.nan)
-    finite = theta[np.isfinite(theta)]
+    chunk = int(settings["chunk"])
+    grids = LatentGrids(latents, chunk)
+    scan = scan_trajectories(grids, chunk)
     angles = "rVAE"
-    if finite.size == 0:
+    if scan.n_angles == 0:
         angles = "absent"
         notes.append("no angles: the latents hold no finite angle (a pose-less model); angle-based order "
                      "parameters, rotational diffusion and the angle-based transition fit are skipped")
-    elif finite.size > 1 and np.ptp(finite) == 0:
+    elif scan.n_angles > 1 and scan.angle_range[0] == scan.angle_range[1]:
         angles = "constant"
-        notes.append(f"no angles: every angle in the latents is {finite[0]:g} (a model without pose); "
+        notes.append(f"no angles: every angle in the latents is {scan.angle_range[0]:g} (a model without pose); "
                      "angle-based order parameters, rotational diffusion and the angle-based transition fit are skipped")
     angle_sd = flip_prob = None
     if "angle_sd" in latents.variables and settings.get("resample_angles", True):
-        angle_sd = np.where(present, grid("angle_sd"), np.nan)
+        angle_sd = grids.rows("angle_sd")
         if "flip_prob" in latents.variables:
-            flip_prob = np.where(present, grid("flip_prob"), np.nan)
+            flip_prob = grids.rows("flip_prob")
 
     frame_interval = _attr_number(latents.attrs, "frame_interval")
     pixel_size = _attr_number(latents.attrs, "pixel_size")
@@ -1127,16 +1293,14 @@ def prepare_movie(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: di
         if spec["symmetry"] == 0:
             notes.append(f"{spec['name']}: isotropic (symmetry 0): no orientation, so no angle-based order "
                          "parameter and no rotational diffusion")
-    theta = np.where((symmetry > 0)[:, None] & (angles == "rVAE"), theta, np.nan)
-    with _quiet():
-        mean_x = np.nanmean(np.where(present, x, np.nan), axis=1)
-        mean_y = np.nanmean(np.where(present, y, np.nan), axis=1)
-    units, n_units = bootstrap_units(_tiles(mean_x, mean_y, int(settings["bootstrap_tiles"])), len(particles))
-    return Movie(frames=frames, particles=particles, theta=theta, angle_sd=angle_sd, x=x, y=y, present=present,
-                 flip_prob=flip_prob, species=species, table=table, species_method=method, symmetry=symmetry, units=units,
-                 n_units=n_units, angles=angles, dt=frame_interval or 1.0,
+    grids.angle_rows = (symmetry > 0) & (angles == "rVAE")
+    units, n_units = bootstrap_units(_tiles(scan.mean_x, scan.mean_y, int(settings["bootstrap_tiles"])), len(particles))
+    return Movie(frames=frames, particles=particles, grids=grids, theta=grids.rows("angle"), angle_sd=angle_sd,
+                 flip_prob=flip_prob, x=grids.rows("x"), y=grids.rows("y"), track_length=scan.track_length,
+                 n_present=scan.n_present, box=scan.box, species=species, table=table, species_method=method,
+                 symmetry=symmetry, units=units, n_units=n_units, angles=angles, dt=frame_interval or 1.0,
                  time_unit="s" if frame_interval else "frame", frame_interval=frame_interval,
-                 pixel_size=pixel_size, pixel_unit=pixel_unit, chunk=int(settings["chunk"]), notes=notes)
+                 pixel_size=pixel_size, pixel_unit=pixel_unit, chunk=chunk, notes=notes)
 
 
 def frame_counts(movie: Movie) -> xr.Dataset:
@@ -1148,8 +1312,8 @@ def frame_counts(movie: Movie) -> xr.Dataset:
     ds["species"].attrs["description"] = "species index (see attrs species)"
     ds["symmetry"] = ("particle", movie.symmetry)
     ds["symmetry"].attrs["description"] = "rotational symmetry order n of the trajectory's species (0 = isotropic)"
-    ds["n_particles"] = ("frame", movie.present.sum(axis=0).astype(int))
-    ds["track_length"] = ("particle", movie.present.sum(axis=1).astype(int))
+    ds["n_particles"] = ("frame", movie.n_present.astype(int))
+    ds["track_length"] = ("particle", movie.track_length.astype(int))
     return ds
 
 
@@ -1159,7 +1323,7 @@ def latent_statistics(movie: Movie, latents: xr.Dataset, settings: dict[str, Any
     Computed in chunks of frames (all trajectories of a frame are needed for its quantiles).
     """
     ds = xr.Dataset(coords={"frame": movie.frames})
-    n_p, n_f = movie.present.shape
+    n_p, n_f = len(movie.particles), len(movie.frames)
     quantiles = np.asarray(settings["quantiles"], dtype=float)
     bins = int(settings["histogram_bins"])
     if "z" in latents.variables:
@@ -1180,9 +1344,9 @@ def latent_statistics(movie: Movie, latents: xr.Dataset, settings: dict[str, Any
         sd = np.full((n_f, n_lat), np.nan)
         quant = np.full((n_f, n_lat, len(quantiles)), np.nan)
         hist = np.zeros((n_f, n_lat, bins), dtype=np.int32)
-        for sl in _frame_chunks(n_f, n_p * n_lat):
-            z = np.asarray(z_all.isel(frame=sl).values, dtype=float)
-            z = np.where(movie.present[:, sl, None], z, np.nan)
+        # Blocks of frames as large as the trajectory chunks (the quantiles need all trajectories of a frame).
+        for sl in _frame_chunks(n_f, n_p * n_lat, budget=movie.chunk * n_f):
+            z = movie.read("z", sl)
             with np.errstate(invalid="ignore"), _quiet():
                 mean[sl] = np.nanmean(z, axis=0)
                 if n_p > 1:
@@ -1199,10 +1363,13 @@ def latent_statistics(movie: Movie, latents: xr.Dataset, settings: dict[str, Any
         ds["z_hist_edges"] = (("latent", "z_edge"), edges)
     for name in ("dx", "dy"):
         if name in latents.variables:
-            v = np.where(movie.present, np.asarray(latents[name].transpose("particle", "frame").values, dtype=float), np.nan)
-            with _quiet():
-                ds[f"{name}_mean"] = ("frame", np.nanmean(v, axis=0))
-                ds[f"{name}_sd"] = ("frame", np.nanstd(v, axis=0))
+            mean, sd = np.full(n_f, np.nan), np.full(n_f, np.nan)
+            for sl in movie.frame_blocks():
+                v = movie.read(name, sl)
+                with _quiet():
+                    mean[sl], sd[sl] = np.nanmean(v, axis=0), np.nanstd(v, axis=0)
+            ds[f"{name}_mean"] = ("frame", mean)
+            ds[f"{name}_sd"] = ("frame", sd)
             ds[f"{name}_mean"].attrs["units"] = "px"
     return ds
 
@@ -1227,12 +1394,13 @@ def circular_statistics(movie: Movie, settings: dict[str, Any]) -> xr.Dataset:
     mean_dir[(counts == 0) | ~oriented[None, :]] = np.nan
     resultant[(counts == 0) | ~oriented[None, :]] = np.nan
     angle_hist = np.zeros((n_f, n_s, bins), dtype=np.int32)
-    for s, spec in enumerate(movie.table):
-        rows = np.flatnonzero(movie.species == s)
-        if spec["symmetry"] == 0 or not len(rows):
-            continue
-        for lo in range(0, len(rows), movie.chunk):
-            ph = np.mod(spec["symmetry"] * movie.theta[rows[lo:lo + movie.chunk]], 2 * np.pi)
+    for rows in movie.row_chunks():
+        theta = movie.theta[rows]
+        for s, spec in enumerate(movie.table):
+            mine = movie.species[rows] == s
+            if spec["symmetry"] == 0 or not mine.any():
+                continue
+            ph = np.mod(spec["symmetry"] * theta[mine], 2 * np.pi)
             for f in range(n_f):
                 col = ph[:, f]
                 angle_hist[f, s] += np.histogram(col[np.isfinite(col)], phase_edges)[0].astype(np.int32)
@@ -1273,37 +1441,54 @@ def orientational_order(movie: Movie, settings: dict[str, Any], signals: dict[st
     return ds
 
 
-def neighbour_order(movie: Movie, settings: dict[str, Any], signals: dict[str, Signal]) -> xr.Dataset:
-    """Delaunay neighbours of every frame: local S_n, bond order psi_k of the centroids, neighbour counts.
+def _lazy_grids(blocks, compute, names: tuple[str, ...], shape: tuple[int, int], axis: int, dtype) -> dict[str, Any]:
+    """(particle, frame) output grids as dask arrays, computed block by block when they are written or read.
 
-    Computed frame by frame; the per-frame signals are summed per bootstrap unit as they come.
+    ``compute(block)`` returns a dict holding each of ``names`` over one slice of ``blocks``
+    (of trajectories for ``axis`` 0, of frames for ``axis`` 1); the grids of one block come
+    from one call, and no grid is ever whole in memory while the store is written.
     """
-    n_p, n_f = movie.present.shape
-    k_bond = int(settings["bond_order"])
-    cutoff = float(settings["bond_cutoff"])
+    import dask
+    import dask.array as da
+
+    parts: dict[str, list] = {name: [] for name in names}
+    for sl in blocks:
+        part_shape = (sl.stop - sl.start, shape[1]) if axis == 0 else (shape[0], sl.stop - sl.start)
+        block = dask.delayed(compute, pure=False)(sl)
+        for name in names:
+            parts[name].append(da.from_delayed(block[name], part_shape, dtype=dtype))
+    return {name: da.concatenate(p, axis=axis) if p else np.zeros(shape, dtype=dtype) for name, p in parts.items()}
+
+
+def _neighbours_of_frames(movie: Movie, frames: slice, k_bond: int, cutoff: float) -> dict[str, np.ndarray]:
+    """Delaunay neighbours of every frame of a slice: per-trajectory grids and sums per bootstrap unit.
+
+    Returns ``psi_abs``, ``local_S_n``, ``neighbours`` on (particle, frame of the slice), float32;
+    ``psi``, ``psi_count``, ``lpsi``, ``local``, ``local_count`` on (unit, frame of the slice).
+    """
+    x, y, theta = movie.read("x", frames), movie.read("y", frames), movie.read("angle", frames)
+    present = np.isfinite(x) & np.isfinite(y)
+    n_p, n_f = present.shape
     G = movie.n_units
-    local_sn = np.full((n_p, n_f), np.nan, dtype=np.float32)
-    psi_abs = np.full((n_p, n_f), np.nan, dtype=np.float32)
-    n_neigh = np.full((n_p, n_f), np.nan, dtype=np.float32)
-    sums = {k: np.zeros((G, 1, n_f), dtype=complex if k == "psi" else float)
-            for k in ("psi", "psi_count", "local", "local_count", "lpsi", "lpsi_count")}
+    out = {k: np.full((n_p, n_f), np.nan, dtype=np.float32) for k in ("psi_abs", "local_S_n", "neighbours")}
+    out.update({k: np.zeros((G, n_f), dtype=complex if k == "psi" else float)
+                for k in ("psi", "psi_count", "lpsi", "local", "local_count")})
     oriented = movie.symmetry > 0
     for f in range(n_f):
-        idx = np.flatnonzero(movie.present[:, f])
+        idx = np.flatnonzero(present[:, f])
         if len(idx) < 3:
             continue
-        xy = np.column_stack([movie.x[idx, f], movie.y[idx, f]])
+        xy = np.column_stack([x[idx, f], y[idx, f]])
         bonds = delaunay_bonds(xy, cutoff)
         p, c = bond_order(xy, bonds, k_bond)
         g = movie.units[idx]
         ok = np.isfinite(p)
-        sums["psi"][:, 0, f] = (np.bincount(g[ok], p[ok].real, G) + 1j * np.bincount(g[ok], p[ok].imag, G))
-        sums["psi_count"][:, 0, f] = np.bincount(g[ok], minlength=G)
-        sums["lpsi"][:, 0, f] = np.bincount(g[ok], np.abs(p[ok]), G)
-        sums["lpsi_count"][:, 0, f] = sums["psi_count"][:, 0, f]
-        psi_abs[idx, f] = np.abs(p)
-        n_neigh[idx, f] = c
-        th = movie.theta[idx, f]
+        out["psi"][:, f] = (np.bincount(g[ok], p[ok].real, G) + 1j * np.bincount(g[ok], p[ok].imag, G))
+        out["psi_count"][:, f] = np.bincount(g[ok], minlength=G)
+        out["lpsi"][:, f] = np.bincount(g[ok], np.abs(p[ok]), G)
+        out["psi_abs"][idx, f] = np.abs(p)
+        out["neighbours"][idx, f] = c
+        th = theta[idx, f]
         if np.isfinite(th).any():
             # Isotropic neighbours and absent angles carry no orientation: left out of the average.
             has = np.isfinite(th) & oriented[idx]
@@ -1312,13 +1497,36 @@ def neighbour_order(movie: Movie, settings: dict[str, Any], signals: dict[str, S
             remap = np.full(len(idx), -1)
             remap[sub] = np.arange(len(sub))
             lo = local_order(th[sub], movie.symmetry[idx][sub], remap[bonds[keep]])
-            local_sn[idx[sub], f] = lo
-            sums["local"][:, 0, f] = np.bincount(g[sub], lo, G)
-            sums["local_count"][:, 0, f] = np.bincount(g[sub], minlength=G)
-    n_traj = int(movie.present.any(axis=1).sum())
-    n_oriented = int((movie.present.any(axis=1) & movie.oriented).sum())
+            out["local_S_n"][idx[sub], f] = lo
+            out["local"][:, f] = np.bincount(g[sub], lo, G)
+            out["local_count"][:, f] = np.bincount(g[sub], minlength=G)
+    return out
+
+
+def neighbour_order(movie: Movie, settings: dict[str, Any], signals: dict[str, Signal]) -> xr.Dataset:
+    """Delaunay neighbours of every frame: local S_n, bond order psi_k of the centroids, neighbour counts.
+
+    Computed in blocks of frames (:func:`_neighbours_of_frames`): the per-frame signals are
+    summed per bootstrap unit as they come, the per-trajectory grids are recomputed block by
+    block when the store is written (:func:`_lazy_grid`).
+    """
+    n_p, n_f = len(movie.particles), len(movie.frames)
+    k_bond = int(settings["bond_order"])
+    cutoff = float(settings["bond_cutoff"])
+    G = movie.n_units
+    sums = {k: np.zeros((G, 1, n_f), dtype=complex if k == "psi" else float)
+            for k in ("psi", "psi_count", "local", "local_count", "lpsi")}
+    neighbours_mean = np.full(n_f, np.nan, dtype=np.float32)
+    for sl in movie.frame_blocks():
+        block = _neighbours_of_frames(movie, sl, k_bond, cutoff)
+        for k, total in sums.items():
+            total[:, 0, sl] = block[k]
+        with _quiet():
+            neighbours_mean[sl] = np.nanmean(block["neighbours"], axis=0)
+    n_traj = int((movie.track_length > 0).sum())
+    n_oriented = int(((movie.track_length > 0) & movie.oriented).sum())
     sig_psi = Signal("psi_6", "resultant", sums["psi"], sums["psi_count"], n_traj)
-    sig_lpsi = Signal("local_psi_6", "mean", sums["lpsi"], sums["lpsi_count"], n_traj)
+    sig_lpsi = Signal("local_psi_6", "mean", sums["lpsi"], sums["psi_count"].copy(), n_traj)
     sig_local = Signal("local_S_n", "mean", sums["local"], sums["local_count"], n_oriented)
     signals.update({"psi_6": sig_psi, "local_psi_6": sig_lpsi})
     if n_oriented:
@@ -1328,13 +1536,16 @@ def neighbour_order(movie: Movie, settings: dict[str, Any], signals: dict[str, S
         ds["local_S_n"] = ("frame", sig_local.series())
         ds["psi_6"] = ("frame", sig_psi.series())
         ds["local_psi_6"] = ("frame", sig_lpsi.series())
-        ds["neighbours_mean"] = ("frame", np.nanmean(n_neigh, axis=0))
+    ds["neighbours_mean"] = ("frame", neighbours_mean)
     ds["psi_6"].attrs["description"] = f"global bond-orientational order |<psi_{k_bond}(i)>| (Delaunay neighbours)"
     ds["local_psi_6"].attrs["description"] = f"mean local bond-orientational order <|psi_{k_bond}(i)|>"
     ds["local_S_n"].attrs["description"] = "mean local orientational order over each particle and its Delaunay neighbours"
-    ds["local_S_n_particle"] = (("particle", "frame"), local_sn)
-    ds["psi_6_particle"] = (("particle", "frame"), psi_abs)
-    ds["neighbours"] = (("particle", "frame"), n_neigh)
+
+    grids = _lazy_grids(movie.frame_blocks(), lambda sl: _neighbours_of_frames(movie, sl, k_bond, cutoff),
+                        ("local_S_n", "psi_abs", "neighbours"), (n_p, n_f), 1, np.float32)
+    ds["local_S_n_particle"] = (("particle", "frame"), grids["local_S_n"])
+    ds["psi_6_particle"] = (("particle", "frame"), grids["psi_abs"])
+    ds["neighbours"] = (("particle", "frame"), grids["neighbours"])
     ds["neighbours"].attrs["description"] = "number of Delaunay neighbours (bonds longer than bond_cutoff x median dropped)"
     return ds
 
@@ -1359,7 +1570,7 @@ def classical_order(movie: Movie, tracks: pd.DataFrame | None, settings: dict[st
         mean_xy = tracks.groupby("particle")[["x", "y"]].mean().reindex(t_particles)
     t_units, t_n_units = bootstrap_units(_tiles(mean_xy["x"].to_numpy(float), mean_xy["y"].to_numpy(float),
                                                 int(settings["bootstrap_tiles"])), len(t_particles))
-    t_theta = _tracks_matrix(tracks, "orientation", t_particles, movie.frames)
+    t_theta = _tracks_rows(tracks, "orientation", t_particles, movie.frames)
     kw = {"chunk": movie.chunk}
     sig = phasor_signal("S_n_moments", t_theta, t_n, t_species, t_units, t_n_units, movie.n_species, **kw)
     signals["S_n_moments"] = sig
@@ -1379,12 +1590,10 @@ def classical_order(movie: Movie, tracks: pd.DataFrame | None, settings: dict[st
 def pair_correlations(movie: Movie, settings: dict[str, Any]) -> xr.Dataset:
     """g(r) averaged over a few frames at the start, middle and end of the movie."""
     ds = xr.Dataset(coords={"frame": movie.frames})
-    present, x, y = movie.present, movie.x, movie.y
     n_f = len(movie.frames)
-    if not present.any():
+    if movie.box is None:
         return ds
-    all_x, all_y = x[present], y[present]
-    box = (float(all_x.min()), float(all_x.max()), float(all_y.min()), float(all_y.max()))
+    box = movie.box
     side = min(box[1] - box[0], box[3] - box[2])
     rmax = float(settings["gr_rmax"] or side / 4)
     r_edges = np.linspace(0, max(rmax, 1e-6), int(settings["gr_bins"]) + 1)
@@ -1395,8 +1604,10 @@ def pair_correlations(movie: Movie, settings: dict[str, Any]) -> xr.Dataset:
     for k, centre in enumerate(picks.values()):
         lo = int(np.clip(centre - width // 2, 0, max(0, n_f - width)))
         sel = range(lo, min(n_f, lo + width))
-        vals = [pair_correlation(np.column_stack([x[present[:, f], f], y[present[:, f], f]]), r_edges, box)
-                for f in sel]
+        x, y = movie.read("x", slice(sel.start, sel.stop)), movie.read("y", slice(sel.start, sel.stop))
+        present = np.isfinite(x) & np.isfinite(y)
+        vals = [pair_correlation(np.column_stack([x[present[:, j], j], y[present[:, j], j]]), r_edges, box)
+                for j in range(len(sel))]
         with _quiet():
             gr[k] = np.nanmean(vals, axis=0)
         gr_frame[k] = float(np.mean([movie.frames[f] for f in sel]))
@@ -1412,18 +1623,25 @@ def rotational_dynamics(movie: Movie, settings: dict[str, Any]) -> xr.Dataset:
     """Unwrapped angle, angular velocity, jump histogram, rotational MSD and diffusion of oriented trajectories."""
     bins = int(settings["histogram_bins"])
     n_sym = np.maximum(movie.symmetry, 1)  # isotropic rows are all NaN: any n unwraps them to NaN
-    unwrapped = unwrap_angles(movie.theta, n_sym)
+    shape = (len(movie.particles), len(movie.frames))
+    unwrapped = RowView(shape, lambda rows: unwrap_angles(movie.theta[rows], n_sym[rows]))
+
+    def trajectory_grids(rows: slice) -> dict[str, np.ndarray]:
+        angle = unwrapped[rows]
+        omega = np.full_like(angle, np.nan)
+        omega[:, 1:] = np.diff(angle, axis=1) / movie.dt
+        return {"angle_unwrapped": angle, "angular_velocity": omega}
+
+    grids = _lazy_grids(movie.row_chunks(), trajectory_grids, ("angle_unwrapped", "angular_velocity"), shape, 0,
+                        np.float64)
     ds = xr.Dataset(coords={"frame": movie.frames, "particle": movie.particles})
-    ds["angle_unwrapped"] = (("particle", "frame"), unwrapped)
+    ds["angle_unwrapped"] = (("particle", "frame"), grids["angle_unwrapped"])
     ds["angle_unwrapped"].attrs.update(units="rad", description="angle unwrapped along the trajectory modulo 2 pi/n")
-    omega = np.full_like(unwrapped, np.nan)
-    omega[:, 1:] = np.diff(unwrapped, axis=1) / movie.dt
-    ds["angular_velocity"] = (("particle", "frame"), omega)
+    ds["angular_velocity"] = (("particle", "frame"), grids["angular_velocity"])
     ds["angular_velocity"].attrs["units"] = f"rad/{movie.time_unit}"
     jump_edges = np.logspace(-3, np.log10(np.pi), bins + 1)
     jh = np.zeros((movie.n_species, bins), dtype=np.int64)
-    for lo in range(0, len(movie.particles), movie.chunk):
-        rows = slice(lo, lo + movie.chunk)
+    for rows in movie.row_chunks():
         jumps = np.abs(wrap_symmetric(np.diff(movie.theta[rows], axis=1), n_sym[rows, None]))
         for s in range(movie.n_species):
             v = jumps[movie.species[rows] == s]
@@ -1453,8 +1671,9 @@ def rotational_dynamics(movie: Movie, settings: dict[str, Any]) -> xr.Dataset:
 
 def translational_dynamics(movie: Movie, tracks: pd.DataFrame | None, settings: dict[str, Any]) -> xr.Dataset:
     """Translational MSD and diffusion of the drift-corrected positions (the tracking stage's correction)."""
-    xc, yc, drift_source = corrected_positions(movie.x, movie.y, movie.particles, movie.frames, tracks)
-    xy = np.stack([np.where(movie.present, xc, np.nan), np.where(movie.present, yc, np.nan)], axis=-1)
+    drift_x, drift_y, drift_source = frame_drift(movie.x, movie.y, movie.frames, tracks, chunk=movie.chunk)
+    xy = RowView((len(movie.particles), len(movie.frames), 2),
+                 lambda rows: np.stack([movie.x[rows] - drift_x, movie.y[rows] - drift_y], axis=-1))
     n_fit = int(settings["msd_fit_lags"])
     lags, msd_tr, msd_tr_p = mean_squared_displacement(xy, int(settings["msd_max_lag"]), movie.chunk)
     ds = xr.Dataset(coords={"particle": movie.particles, "lag": lags})
@@ -1615,18 +1834,20 @@ def tilt_dynamics(movie: Movie, latents: xr.Dataset, settings: dict[str, Any]) -
     ds = xr.Dataset()
     if "tilt" not in latents.variables:
         return ds
-    tilt = np.where(movie.present, np.asarray(latents["tilt"].transpose("particle", "frame").values, dtype=float), np.nan)
     n_f, n_s = len(movie.frames), movie.n_species
     mean, median, sd = (np.full((n_f, n_s), np.nan) for _ in range(3))
-    with _quiet(), np.errstate(invalid="ignore"):
-        for s in range(n_s):
-            rows = tilt[movie.species == s]
-            if not len(rows):
-                continue
-            mean[:, s] = np.nanmean(rows, axis=0)
-            median[:, s] = np.nanmedian(rows, axis=0)
-            if len(rows) > 1:
-                sd[:, s] = np.nanstd(rows, axis=0, ddof=1)
+    # The median needs every trajectory of a frame: blocks of frames.
+    for sl in movie.frame_blocks():
+        tilt = movie.read("tilt", sl)
+        with _quiet(), np.errstate(invalid="ignore"):
+            for s in range(n_s):
+                rows = tilt[movie.species == s]
+                if not len(rows):
+                    continue
+                mean[sl, s] = np.nanmean(rows, axis=0)
+                median[sl, s] = np.nanmedian(rows, axis=0)
+                if len(rows) > 1:
+                    sd[sl, s] = np.nanstd(rows, axis=0, ddof=1)
     ds = ds.assign_coords(frame=movie.frames,
                           species_name=("species_index", np.array([s["name"] for s in movie.table], dtype=object)))
     for name, values, text in (("tilt_mean", mean, "mean"), ("tilt_median", median, "median"),
@@ -1638,7 +1859,8 @@ def tilt_dynamics(movie: Movie, latents: xr.Dataset, settings: dict[str, Any]) -
         max_lag = min(max_lag, int(settings["msd_max_lag"]))
     ds = ds.assign_coords(particle=movie.particles, tilt_lag=np.arange(max_lag + 1))
     ds["tilt_lag"].attrs["units"] = "frame"
-    ds["tilt_acf"] = (("particle", "tilt_lag"), tilt_autocorrelation(tilt, max_lag))
+    acf = np.concatenate([tilt_autocorrelation(movie.grids.read("tilt", rows), max_lag) for rows in movie.row_chunks()])
+    ds["tilt_acf"] = (("particle", "tilt_lag"), acf)
     ds["tilt_acf"].attrs.update(units="1", description="autocorrelation of the trajectory's tilt fluctuation over lag frames")
     return ds
 
@@ -1721,14 +1943,13 @@ class _quiet:
 
 
 def read_inputs(latents_path: str | Path, tracks_path: str | Path | None) -> tuple[xr.Dataset, pd.DataFrame | None]:
-    """Open ``latents.zarr`` (loaded into memory) and ``tracks.parquet``, checking the contracts."""
-    latents = open_zarr(latents_path, required=["angle", "x", "y"], what="latents store")
+    """Open ``latents.zarr`` (lazily: the stage reads it a block at a time) and ``tracks.parquet``, checking the contracts."""
+    latents = open_zarr(latents_path, required=["angle", "x", "y"], what="latents store", chunks=None)
     for name in ("angle", "x", "y"):
         if set(latents[name].dims) != {"particle", "frame"}:
             raise InputError(f"{latents_path}: variable {name!r} has dims {latents[name].dims}; expected (particle, frame)")
     if "z" in latents.variables and set(latents["z"].dims) != {"particle", "frame", "latent"}:
         raise InputError(f"{latents_path}: variable 'z' has dims {latents['z'].dims}; expected (particle, frame, latent)")
-    latents = latents.load()
     tracks = None
     if tracks_path is not None:
         tracks = read_table(tracks_path, required=["frame", "x", "y", "particle"], what="tracks table")
@@ -1742,8 +1963,12 @@ def run_dynamics_files(latents_path, tracks_path, output, settings: dict[str, An
     inputs = {"latents": str(latents_path)}
     if tracks_path is not None:
         inputs["tracks"] = str(tracks_path)
-    write_zarr(ds, output, provenance=provenance_attrs(settings=settings, seed=settings["seed"],
-                                                       inputs=inputs, stage="dynamics"))
+    import dask
+
+    # One block at a time: the per-trajectory grids are computed as they are written.
+    with dask.config.set(scheduler="synchronous"):
+        write_zarr(ds, output, provenance=provenance_attrs(settings=settings, seed=settings["seed"],
+                                                           inputs=inputs, stage="dynamics"))
     return ds
 
 

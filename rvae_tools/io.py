@@ -218,13 +218,21 @@ def write_zarr_parts(
     return Path(path)
 
 
+#: ``chunks`` not given: xarray's own default (dask arrays in the store's chunks).
+_XARRAY_DEFAULT = object()
+
+
 def open_zarr(
     path: str | os.PathLike,
     *,
     required: Sequence[str] = (),
     what: str = "store",
+    chunks: Any = _XARRAY_DEFAULT,
 ) -> xr.Dataset:
     """Open a Zarr store lazily and check that it holds the ``required`` variables.
+
+    ``chunks`` is passed to :func:`xarray.open_zarr`: ``None`` gives lazily indexed arrays
+    without dask, read only where they are indexed.
 
     Raises
     ------
@@ -238,7 +246,7 @@ def open_zarr(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", category=RuntimeWarning)
             warnings.simplefilter("ignore", category=UserWarning)
-            ds = xr.open_zarr(path)
+            ds = xr.open_zarr(path) if chunks is _XARRAY_DEFAULT else xr.open_zarr(path, chunks=chunks)
     except Exception as exc:  # noqa: BLE001 - zarr raises many types for a broken store
         raise InputError(f"{path}: cannot be read as a Zarr {what} ({type(exc).__name__}: {exc})") from None
     missing = [name for name in required if name not in ds.variables]

@@ -262,18 +262,41 @@ def corrected_positions(x: np.ndarray, y: np.ndarray, particles: np.ndarray, fra
     source : str
         Where the drift came from: ``"tracks"`` or ``"estimated"``.
     """
+    dx, dy, source = frame_drift(x, y, frames, tracks, smoothing=smoothing)
+    return x - dx[None, :], y - dy[None, :], source
+
+
+def frame_drift(x, y, frames: np.ndarray, tracks: pd.DataFrame | None = None, *, smoothing: int = 0,
+                chunk: int = 4096) -> tuple[np.ndarray, np.ndarray, str]:
+    """The drift :func:`corrected_positions` removes, per frame.
+
+    Parameters
+    ----------
+    x, y : arrays (particle, frame), or objects giving them by trajectory slices
+        Positions, px (NaN = absent); read only when the drift is estimated here.
+    frames : array (frame,)
+        Frame numbers of the grid's columns.
+    tracks : DataFrame, optional
+        The tracking stage's table (see :func:`corrected_positions`).
+    chunk : int
+        Trajectories read at once when the drift is estimated here.
+
+    Returns
+    -------
+    dx, dy : arrays (frame,)
+        Drift, px.
+    source : str
+        ``"tracks"`` or ``"estimated"``.
+    """
     frames = np.asarray(frames)
     if tracks is not None and {"x_corrected", "y_corrected", "frame", "x", "y"} <= set(tracks.columns):
         per_frame = pd.DataFrame({"frame": tracks["frame"].to_numpy(),
                                   "x": tracks["x"].to_numpy(float) - tracks["x_corrected"].to_numpy(float),
                                   "y": tracks["y"].to_numpy(float) - tracks["y_corrected"].to_numpy(float)})
         drift = per_frame.groupby("frame")[["x", "y"]].median().reindex(frames).ffill().fillna(0.0)
-        source = "tracks"
-    else:
-        dx, dy = drift_from_grid(x, y, smoothing)
-        drift = pd.DataFrame({"x": dx, "y": dy}, index=frames)
-        source = "estimated"
-    return (x - drift["x"].to_numpy(float)[None, :], y - drift["y"].to_numpy(float)[None, :], source)
+        return drift["x"].to_numpy(float), drift["y"].to_numpy(float), "tracks"
+    dx, dy = drift_from_grid(x, y, smoothing, chunk)
+    return np.asarray(dx, dtype=float), np.asarray(dy, dtype=float), "estimated"
 
 
 def drift_from_grid(x: np.ndarray, y: np.ndarray, smoothing: int = 0, chunk: int = 4096
@@ -316,7 +339,8 @@ def mean_squared_displacement(values: np.ndarray, max_lag: int, chunk: int = 204
     Parameters
     ----------
     values : array (particle, frame) or (particle, frame, dim)
-        Unwrapped angles (rad) or positions (px).
+        Unwrapped angles (rad) or positions (px); anything with ``shape`` that gives numpy
+        arrays of trajectory slices (``values[lo:hi]``) will do, read one chunk at a time.
     max_lag : int
         Largest lag in frames.
     chunk : int
@@ -331,16 +355,15 @@ def mean_squared_displacement(values: np.ndarray, max_lag: int, chunk: int = 204
     per_particle : array (particle, L)
         Each particle's MSD (NaN where it has no pair at that lag).
     """
-    v = np.asarray(values)
-    if v.ndim == 2:
-        v = v[..., None]
-    n_frames = v.shape[1]
+    n_series, n_frames = values.shape[:2]
     lags = np.arange(1, max(1, min(max_lag, n_frames - 1)) + 1)
-    per = np.full((v.shape[0], len(lags)), np.nan)
+    per = np.full((n_series, len(lags)), np.nan)
     total = np.zeros(len(lags))
     count = np.zeros(len(lags))
-    for lo in range(0, v.shape[0], chunk):
-        block = np.asarray(v[lo:lo + chunk], dtype=float)
+    for lo in range(0, n_series, chunk):
+        block = np.asarray(values[lo:lo + chunk], dtype=float)
+        if block.ndim == 2:
+            block = block[..., None]
         for k, lag in enumerate(lags):
             if lag >= n_frames:
                 break

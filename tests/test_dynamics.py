@@ -510,3 +510,92 @@ def test_no_tilt_means_no_tilt_variables():
     rng = np.random.default_rng(4)
     out = compute_dynamics(make_latents(rng.uniform(0, np.pi, (10, 20)), rng=rng), None, settings())
     assert not [v for v in out.variables if str(v).startswith("tilt")]
+
+
+# --------------------------------------------------------------------------- chunks and memory
+
+
+def mixed_movie(rng, n_particles=90, frames=45):
+    """Two species by class, angle posteriors, tilt, shifts, gaps and a tracks table with moments and drift."""
+    theta = planted_angles(rng, n_particles, frames, t_c=20.0, width=2.0)
+    latents = make_latents(theta, rng=rng)
+    shape = (n_particles, frames)
+    latents["angle_sd"] = (("particle", "frame"), rng.uniform(0.05, 0.2, shape))
+    latents["flip_prob"] = (("particle", "frame"), rng.uniform(0.0, 0.1, shape))
+    latents["tilt"] = (("particle", "frame"), rng.normal(0.3, 0.1, shape))
+    latents["dx"] = (("particle", "frame"), rng.normal(0, 0.5, shape))
+    latents["dy"] = (("particle", "frame"), rng.normal(0, 0.5, shape))
+    for name in ("x", "y"):
+        latents[name][::7, 10:14] = np.nan  # trajectories with a gap
+    latents["cls"] = ("particle", np.arange(n_particles) % 2)
+    tracks = latents[["x", "y", "angle"]].to_dataframe().dropna().reset_index()
+    tracks["orientation"] = np.mod(tracks["angle"] + rng.normal(0, 0.1, len(tracks)), np.pi)
+    tracks["x_corrected"] = tracks["x"] - 0.1 * tracks["frame"]
+    tracks["y_corrected"] = tracks["y"] + 0.05 * tracks["frame"]
+    return latents, tracks.drop(columns="angle")
+
+
+def test_small_chunks_read_from_the_store_give_the_results_of_one_chunk(tmp_path):
+    rng = np.random.default_rng(40)
+    latents, tracks = mixed_movie(rng)
+    kw = {"species": [{"name": "rod", "symmetry": 2}, {"name": "triangle", "symmetry": 3}], "bootstrap": 30,
+          "registry_order": 6, "transition_model": "saturating"}
+    whole = compute_dynamics(latents, tracks, settings(**kw))  # 90 trajectories: one chunk by default
+    assert whole.attrs["transition_detected"] is True
+    write_zarr(latents, tmp_path / "latents.zarr", encoding={n: {"chunks": (32, 16)} for n in latents.data_vars
+                                                             if latents[n].ndim >= 2})
+    write_table(tracks, tmp_path / "tracks.parquet")
+    from rvae_tools.dynamics import run_dynamics_files
+
+    # 16 trajectories (and blocks of 8 frames) at a time, read lazily from a store chunked otherwise.
+    run_dynamics_files(tmp_path / "latents.zarr", tmp_path / "tracks.parquet", tmp_path / "dynamics.zarr",
+                       settings(**kw, chunk=16))
+    chunked = open_zarr(tmp_path / "dynamics.zarr").load()
+    assert set(whole.data_vars) == set(chunked.data_vars)
+    for name in whole.variables:
+        a, b = whole[name].values, chunked[name].values
+        if a.dtype.kind in "fc":
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9, err_msg=name)
+        else:
+            assert [str(v) for v in a.ravel()] == [str(v) for v in b.ravel()], name
+    for key in ("transition_frame", "transition_frame_low", "transition_frame_high", "transition_frame_classical",
+                "rotational_diffusion", "translational_diffusion"):
+        assert chunked.attrs[key] == pytest.approx(whole.attrs[key], rel=1e-6), key
+    for key in ("transition_signal", "classical_signal", "species_method", "translational_drift"):
+        assert chunked.attrs[key] == whole.attrs[key], key
+
+
+def random_latents_store(path, n_particles, frames, seed=0):
+    """A latents store in the encode stage's layout (whole trajectories per chunk) with random walks."""
+    rng = np.random.default_rng(seed)
+    side = 40 * np.sqrt(n_particles)  # constant density
+    x = rng.uniform(0, side, (n_particles, 1)) + np.cumsum(rng.normal(0, 0.3, (n_particles, frames)), axis=1)
+    y = rng.uniform(0, side, (n_particles, 1)) + np.cumsum(rng.normal(0, 0.3, (n_particles, frames)), axis=1)
+    x[rng.uniform(size=x.shape) < 0.1] = np.nan
+    grids = {"angle": rng.uniform(0, np.pi, x.shape), "angle_sd": np.full(x.shape, 0.1), "x": x, "y": y}
+    ds = xr.Dataset({k: (("particle", "frame"), v) for k, v in grids.items()},
+                    coords={"particle": np.arange(n_particles), "frame": np.arange(frames)}, attrs={"symmetry": 2})
+    write_zarr(ds, path, encoding={k: {"chunks": (256, frames)} for k in grids})
+
+
+def test_memory_grows_with_the_chunk_not_with_the_number_of_trajectories(tmp_path):
+    import tracemalloc
+
+    import dask.array  # noqa: F401 - imported before measuring: an import is no memory of the stage
+
+    from rvae_tools.dynamics import run_dynamics_files
+
+    frames, chunk = 60, 128
+    kw = {"chunk": chunk, "bootstrap": 0, "msd_max_lag": 3, "msd_fit_lags": 3, "gr_bins": 8}
+    peaks = {}
+    for n in (128, 1024):
+        random_latents_store(tmp_path / f"latents_{n}.zarr", n, frames)
+        tracemalloc.start()
+        run_dynamics_files(tmp_path / f"latents_{n}.zarr", None, tmp_path / f"dynamics_{n}.zarr", settings(**kw))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert open_zarr(tmp_path / "dynamics_1024.zarr")["angle_unwrapped"].shape == (1024, frames)
+    grid = 1024 * frames * 8  # one (particle, frame) float64 array of the larger movie
+    # 8x the trajectories add less than one such array (per-trajectory values only); holding the
+    # movie's grids (angles, positions, their spreads, the outputs) adds more than ten.
+    assert peaks[1024] - peaks[128] < grid, (peaks, grid)
