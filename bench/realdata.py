@@ -70,6 +70,42 @@ def detect_as_user(frames: dict[int, np.ndarray]) -> tuple[dict, pd.DataFrame]:
     return inspection, det
 
 
+def score_static_beads(movie: np.ndarray) -> dict[str, float]:
+    """Immobile beads (trackpy's ``stuck.tif``) as a user gets them: inspect, detect, track.
+
+    The beads do not move, so the ensemble MSD of the drift-corrected tracks must sit at the
+    localisation noise floor at every lag: 2 (var x + var y) of each trajectory's positions
+    about its own mean (px^2), whatever the lag.
+    """
+    from rvae_tools.track import track
+
+    inspection, det = detect_as_user({i: movie[i] for i in range(len(movie))})
+    settings, _ = resolve_track_settings(inspection)
+    result = track(det, settings)
+    tracks = result.tracks
+    by = tracks.groupby("particle")[["x_corrected", "y_corrected"]]
+    floor = float(2 * (by.var(ddof=1).sum(axis=1)).median())
+    msd = result.msd.set_index("lag")["msd"]
+    return {
+        "per_frame": float(det.groupby("frame").size().mean()), "trajectories": float(tracks["particle"].nunique()),
+        "frames": float(len(movie)), "length": float(inspection["length"]),
+        "orientation_meaningful": float(inspection["orientation_meaningful"]),
+        "size_from_spot_profile": float(inspection["size_source"] == "spot profile"),
+        "noise_floor_px2": floor, "msd_lag1_px2": float(msd.iloc[0]), "msd_last_px2": float(msd.iloc[-1]),
+        "msd_floor_ratio_max": float((msd / floor).max()), "msd_floor_ratio_min": float((msd / floor).min()),
+    }
+
+
+def resolve_track_settings(inspection: dict) -> tuple[dict, list]:
+    """The ``track`` section with every setting at ``auto``, resolved from the inspection."""
+    from rvae_tools.config import validate_section
+    from rvae_tools.inspect import resolve_settings
+
+    settings = validate_section("track", {})
+    settings["seed"] = 0
+    return resolve_settings("track", settings, inspection)
+
+
 def mask_reference(masks: np.ndarray) -> pd.DataFrame:
     """Per label of an integer mask: where its cell body is, which way it points, how big it is.
 
@@ -334,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             ref = pd.DataFrame({"frame": 0, "x": yx[:, 1], "y": yx[:, 0]})
             report("trackpy_T76S3F00001_f1", detection_scores(ref, det, 3.0)["f1"])
             report("trackpy_T76S3F00001_polarity_dark", inspection["polarity"] == "dark")
+            stuck = score_static_beads(tifffile.imread(tpd / "video" / "stuck.tif").astype(np.float64))
+            for key, value in stuck.items():
+                report(f"stuck_{key}", value)
     report("seconds", time.perf_counter() - start)
     print(json.dumps(out, sort_keys=True))
     return 0

@@ -1267,7 +1267,9 @@ def prepare_movie(latents: xr.Dataset, tracks: pd.DataFrame | None, settings: di
     angles = "rVAE"
     if scan.n_angles == 0:
         angles = "absent"
-        notes.append("no angles: the latents hold no finite angle (a pose-less model); angle-based order "
+        raw = "angle_raw" in latents.variables and np.isfinite(latents["angle_raw"].values).any()
+        why = "every species is isotropic, so encode stored no lab-frame angle" if raw else "a pose-less model"
+        notes.append(f"no angles: the latents hold no finite angle ({why}); angle-based order "
                      "parameters, rotational diffusion and the angle-based transition fit are skipped")
     elif scan.n_angles > 1 and scan.angle_range[0] == scan.angle_range[1]:
         angles = "constant"

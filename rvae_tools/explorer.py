@@ -53,11 +53,11 @@ def latent_table(latents, patches) -> pd.DataFrame:
     patches : xarray.Dataset
         ``patches.zarr`` (``particle(obs)``, ``frame(obs)``).
     """
-    flat = latents["angle"].to_dataframe(name="angle").dropna(subset=["angle"]).reset_index()
-    flat = flat[["particle", "frame", "angle"]]
     z = latents["z"].transpose("particle", "frame", "latent").values
-    pi = pd.Index(latents["particle"].values).get_indexer(flat["particle"])
-    fi = pd.Index(latents["frame"].values).get_indexer(flat["frame"])
+    # A window is present where it has latents; its angle is NaN for isotropic particles.
+    pi, fi = np.nonzero(np.isfinite(z).any(axis=2))
+    flat = pd.DataFrame({"particle": latents["particle"].values[pi], "frame": latents["frame"].values[fi],
+                         "angle": latents["angle"].transpose("particle", "frame").values[pi, fi]})
     for k in range(z.shape[2]):
         flat[f"z{k + 1}"] = z[pi, fi, k]
     if "cls" in latents and "particle" in latents["cls"].dims:
@@ -106,7 +106,7 @@ def build_page(
 
     shown = table[table["shown"]].reset_index(drop=True)
     latent_cols = [c for c in table.columns if c.startswith("z") and c[1:].isdigit()]
-    y_col = "z2" if "z2" in latent_cols else "angle"
+    y_col = "z2" if "z2" in latent_cols else "angle" if shown["angle"].notna().any() else "frame"
     low, high = np.nanpercentile(np.concatenate([windows.ravel(), decodings.ravel()]), [1, 99])
     data: dict[str, Any] = {
         "x": shown["z1"].to_numpy(float), "y": shown[y_col].to_numpy(float),

@@ -337,6 +337,28 @@ class _quiet_trackpy:
 # --------------------------------------------------------------------------- filtering
 
 
+#: Shortest trajectory (detections) kept when ``track.min_length`` is ``auto`` and the movie is longer.
+MIN_LENGTH = 10
+
+
+def resolve_min_length(settings: dict[str, Any], n_frames: int) -> dict[str, Any]:
+    """``track.min_length`` for a movie of ``n_frames`` frames (a copy of the settings).
+
+    ``auto`` is :data:`MIN_LENGTH`, or ``n_frames`` when the movie is shorter, so a short movie
+    (trackpy's 5-frame ``stuck.tif``) keeps trajectories that span it. A set value wins; one
+    longer than the movie is kept and warned about, as it leaves no trajectory.
+    """
+    out = dict(settings)
+    if out["min_length"] == "auto":
+        out["min_length"] = int(min(MIN_LENGTH, max(int(n_frames), 1)))
+        why = "default" if out["min_length"] == MIN_LENGTH else f"the movie has only {n_frames} frames"
+        logger.info("track.min_length: auto -> %d (%s)", out["min_length"], why)
+    elif n_frames and int(out["min_length"]) > n_frames:
+        logger.warning("track.min_length: %d is longer than the movie's %d frames, so no trajectory is kept "
+                       "(kept as set; 'auto' would use %d)", out["min_length"], n_frames, n_frames)
+    return out
+
+
 def filter_short_tracks(tracks: pd.DataFrame, min_length: int) -> pd.DataFrame:
     """Keep trajectories with at least ``min_length`` detections (trackpy's ``filter_stubs``).
 
@@ -593,6 +615,9 @@ def track(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     detections = check_detections(detections, source)
+    frames = (np.arange(detections["frame"].min(), detections["frame"].max() + 1)
+              if len(detections) else np.array([], dtype=np.int64))
+    settings = resolve_min_length(settings, len(frames))
     events: list[OversizeEvent] = []
     linked = link_detections(
         detections, settings["search_range"], memory=settings["memory"],
@@ -607,8 +632,6 @@ def track(
     n_long = int(kept["particle"].nunique())
     kept = select_detections(kept, settings["select"], source=source)
     n_selected = int(kept["particle"].nunique())
-    frames = (np.arange(detections["frame"].min(), detections["frame"].max() + 1)
-              if len(detections) else np.array([], dtype=np.int64))
     drift_settings = settings["drift"]
     drift = estimate_drift(kept, drift_settings["smoothing"], frames=frames)
     kept = subtract_drift(kept, drift, subtract=drift_settings["subtract"])
@@ -623,6 +646,7 @@ def track(
         "n_detections": len(detections),
         "n_frames": len(frames),
         "n_trajectories_linked": n_linked,
+        "min_length": int(settings["min_length"]),
         "n_trajectories_after_min_length": n_long,
         "n_trajectories": n_selected,
         "n_tracked_detections": len(kept),
@@ -703,6 +727,7 @@ def run_track(args: argparse.Namespace) -> int:
         logger.warning("%s: no detections; writing empty outputs", args.detections)
     result = track(detections, settings, pixel_size=pixel_size, frame_interval=frame_interval,
                    source=str(args.detections))
+    settings = {**settings, "min_length": result.stats["min_length"]}  # provenance records the value used
     inputs = {"detections": str(args.detections)}
     if args.movie_zarr:
         inputs["movie"] = str(args.movie_zarr)

@@ -50,6 +50,13 @@ def test_latent_table_pairs_every_present_latent_with_its_window():
     table = latent_table(latents, patches).sort_values(["particle", "frame"])
     assert table[["particle", "frame", "obs"]].values.tolist() == [[4, 0, 1], [4, 2, 3], [9, 1, 0], [9, 2, 2]]
     assert table["z2"].tolist() == [1.0, 5.0, 9.0, 11.0]
+    # Spheres: no angle, but their shape latents are there to explore; a window without z is absent.
+    z = np.arange(12, dtype=float).reshape(2, 3, 2)
+    z[1, 2] = np.nan
+    spheres = latents.assign(angle=latents["angle"] * np.nan, z=(("particle", "frame", "latent"), z))
+    table = latent_table(spheres, patches).sort_values(["particle", "frame"])
+    assert table[["particle", "frame", "obs"]].values.tolist() == [[4, 0, 1], [4, 2, 3], [9, 1, 0]]
+    assert table["angle"].isna().all()
 
 
 def test_explorer_loads_in_headless_chromium_and_hover_shows_the_window(tmp_path_factory):

@@ -78,6 +78,40 @@ def test_inspect_on_drawn_ellipses_and_round_particles():
     assert discs["length"] == pytest.approx(9.0, rel=0.15)
 
 
+def _spots(sigma, n=64, shape=(200, 200), seed=0, noise=0.1, frames=2):
+    """Sparse Gaussian spots (fluorescent beads) of a known sigma at jittered grid positions, white noise."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    step = shape[0] / side
+    centres = (np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[:n] + 0.5) * step
+    centres = centres + rng.uniform(-0.5, 0.5, centres.shape)
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    out = {}
+    for f in range(frames):
+        img = np.zeros(shape)
+        for y, x in centres:
+            img += np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * sigma**2))
+        out[f] = 1.0 + img + rng.normal(0, noise, shape)
+    return out
+
+
+@pytest.mark.parametrize("sigma", [1.1, 1.5, 2.0])
+def test_blurred_spots_are_measured_by_their_profile_not_their_outline(sigma):
+    """A Gaussian spot's second-moment length is 4 sigma; a threshold near its peak reads less."""
+    from rvae_tools.inspect import mean_spot_length
+    from rvae_tools.segment.classical import classical_frame, flatten_background
+
+    frames = _spots(sigma)
+    settings = {"threshold": "otsu", "background": None, "block": None, "min_area": 4.0, "max_area": None,
+                "split": True, "split_h": 1.0, "split_area": 1.6, "min_distance": 2.0, "border_fraction": 0.5, "edge": 0}
+    found = {i: classical_frame(f, settings, invert=False, index=i) for i, f in frames.items()}
+    signals = {i: flatten_background(f) for i, f in frames.items()}
+    assert mean_spot_length(signals, found) == pytest.approx(4 * sigma, rel=0.2)
+    ins, _ = inspect_frames(frames)
+    assert ins["polarity"] == "bright" and ins["polarity_certain"] and not ins["orientation_meaningful"]
+    assert ins["particles_per_frame"] == pytest.approx(64, abs=3)
+
+
 def test_bad_movies_stop_with_one_line():
     rng = np.random.default_rng(1)
     with pytest.raises(InputError, match="no particles"):

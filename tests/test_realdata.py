@@ -185,3 +185,21 @@ def test_classical_detector_on_a_dense_dark_colony_drawn_another_way():
     assert inspection["polarity"] == "dark" and inspection["orientation_meaningful"]
     truth = pd.DataFrame({"frame": 0, "x": centres[:, 0], "y": centres[:, 1]})
     assert len(truth) >= 30 and detection_scores(truth, det, 4.5)["f1"] >= 0.9
+
+
+TRACKPY = ROOT.parent / "shared" / "data" / "trackpy_testdata"
+
+
+@pytest.mark.skipif(not TRACKPY.is_dir(), reason=f"real data not found at {TRACKPY}")
+def test_immobile_beads_of_stuck_tif_track_at_the_noise_floor():
+    """trackpy's stuck.tif (5 frames of immobile fluorescent beads) from a plain movie entry."""
+    import tifffile
+
+    s = _bench().score_static_beads(tifffile.imread(TRACKPY / "video" / "stuck.tif").astype(np.float64))
+    # trackpy.locate(frame, 7, minmass=100) finds 43 beads in frame 0; each is one 5-frame trajectory.
+    assert 35 <= s["per_frame"] <= 50 and s["trajectories"] >= 30
+    # Thresholds cut these blurred spots to 2 px; their mean profile gives their size.
+    assert not s["orientation_meaningful"] and s["size_from_spot_profile"] and 3.0 <= s["length"] <= 8.0
+    # Static: the MSD neither grows with the lag nor leaves the localisation noise floor.
+    assert 0.6 <= s["msd_floor_ratio_min"] and s["msd_floor_ratio_max"] <= 1.6
+    assert s["noise_floor_px2"] < 0.2

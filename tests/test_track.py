@@ -292,6 +292,26 @@ def test_no_detections_and_a_single_frame_give_empty_well_formed_outputs(tmp_pat
     assert single.msd.empty and single.trajectories["diffusion"].isna().all()
 
 
+def test_a_movie_shorter_than_the_default_min_length_keeps_its_trajectories(tmp_path, caplog):
+    """trackpy's stuck.tif has 5 frames: the default min_length of 10 would drop every bead."""
+    truth = random_walk_truth(n=12, frames=5, seed=3)
+    write_table(detections_from(truth), tmp_path / "detections.parquet")
+    with caplog.at_level(logging.INFO, logger="rvae_tools.track"):
+        code, outs = run_cli(tmp_path, tmp_path / "detections.parquet", "--settings", json.dumps({"search_range": 4}))
+    assert code == 0 and "track.min_length: auto -> 5 (the movie has only 5 frames)" in caplog.text
+    tracks = read_table(outs["tracks"], required=["particle"])
+    assert tracks["particle"].nunique() >= 10 and tracks.groupby("particle").size().min() == 5
+    meta = table_metadata(outs["tracks"])
+    assert json.loads(meta["config"])["min_length"] == 5 and meta["tracking"]["min_length"] == 5
+    # A set value wins even when it leaves nothing, with a warning; a long movie keeps the default 10.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rvae_tools.track"):
+        assert track(detections_from(truth), settings(min_length=8, search_range=4)).tracks.empty
+    assert "longer than the movie's 5 frames" in caplog.text
+    assert track(detections_from(random_walk_truth(n=5, frames=30, seed=4)),
+                 settings(search_range=4)).stats["min_length"] == 10
+
+
 # ------------------------------------------------------------------------------ real data
 
 

@@ -116,7 +116,11 @@ def polarity_counts(residual: np.ndarray) -> tuple[float, float]:
     """
     sm = ndimage.gaussian_filter(residual, 1.0)
     level = background_level(sm)
-    sigma = noise_sigma(sm) * np.sqrt(2) + 1e-12
+    # Smoothing correlates neighbours, so their differences under-read white noise (stuck.tif:
+    # 0.9 against 1.5); the raw noise times the kernel's L2 norm, 1 / (2 sqrt(pi) sigma), is
+    # right for white noise. Without it, noise wins over sparse small spots on both sides and
+    # a fluorescence movie read as two-sided.
+    sigma = max(noise_sigma(sm) * np.sqrt(2), noise_sigma(residual) / (2 * np.sqrt(np.pi))) + 1e-12
     bright = ndimage.binary_opening(sm - level > 3 * sigma)
     dark = ndimage.binary_opening(sm - level < -3 * sigma)
     return float(bright.sum()), float(dark.sum())
