@@ -27,17 +27,23 @@ AMP = np.array([1.0, 0.7, 0.5, 0.9])
 def quat_matrix(q):
     """Rotation matrix of one unit quaternion (w, x, y, z), written out independently of so3."""
     w, x, y, z = np.asarray(q, float) / np.linalg.norm(q)
-    return np.array([[w * w + x * x - y * y - z * z, 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                     [2 * (x * y + w * z), w * w - x * x + y * y - z * z, 2 * (y * z - w * x)],
-                     [2 * (x * z - w * y), 2 * (y * z + w * x), w * w - x * x - y * y + z * z]])
+    return np.array(
+        [
+            [w * w + x * x - y * y - z * z, 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), w * w - x * x + y * y - z * z, 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), w * w - x * x - y * y + z * z],
+        ]
+    )
 
 
 def voxelise(centres, size=32):
     """The blob density on the model's voxel grid (voxel (a, b, c) = body point (c, b, a) - size/2)."""
     c = np.arange(size) - size / 2
     zz, yy, xx = np.meshgrid(c, c, c, indexing="ij")
-    return sum(a * np.exp(-((xx - p[0]) ** 2 + (yy - p[1]) ** 2 + (zz - p[2]) ** 2) / (2 * s * s))
-               for p, s, a in zip(centres, SD, AMP))
+    return sum(
+        a * np.exp(-((xx - p[0]) ** 2 + (yy - p[1]) ** 2 + (zz - p[2]) ** 2) / (2 * s * s))
+        for p, s, a in zip(centres, SD, AMP)
+    )
 
 
 def analytic_projection(q, shift, size=32):
@@ -45,8 +51,13 @@ def analytic_projection(q, shift, size=32):
     px = np.arange(size) - (size - 1) / 2
     gy, gx = np.meshgrid(px, px, indexing="ij")
     lab = CENTRES @ quat_matrix(q).T
-    return sum(a * s * math.sqrt(2 * math.pi) * np.exp(-((gx - c[0] - shift[0]) ** 2 + (gy - c[1] - shift[1]) ** 2) / (2 * s * s))
-               for c, s, a in zip(lab, SD, AMP))
+    return sum(
+        a
+        * s
+        * math.sqrt(2 * math.pi)
+        * np.exp(-((gx - c[0] - shift[0]) ** 2 + (gy - c[1] - shift[1]) ** 2) / (2 * s * s))
+        for c, s, a in zip(lab, SD, AMP)
+    )
 
 
 def model_with_volume(volume, **kw):
@@ -86,7 +97,7 @@ def test_q_and_minus_q_decode_alike_and_give_the_same_loss():
     x = torch.from_numpy(np.stack([analytic_projection(v, (0, 0)) for v in q]).astype(np.float32))
     m.net.eval()
     loss_plus, _ = m.loss(x, sample=False)
-    m.grid = -m.grid                      # every grid rotation by its other sign
+    m.grid = -m.grid  # every grid rotation by its other sign
     loss_minus, _ = m.loss(x, sample=False)
     assert torch.allclose(loss_plus, loss_minus, rtol=1e-5)
     assert np.all(so3.canonical(-q)[:, 0] >= 0) and np.allclose(so3.canonical(-q), so3.canonical(q))
@@ -113,7 +124,7 @@ def test_flat_prior_on_the_grid_matches_the_watson_density():
     log_p = so3.watson_log_prior(grid, k)
     normal_z = np.array([quat_matrix(q)[2, 2] for q in grid])
     # Closed form: density exp(k t^2) / M(1/2, 3/2, k) relative to Haar; a cell holds 1/n of Haar.
-    closed = k * normal_z ** 2 - math.log(special.hyp1f1(0.5, 1.5, k)) - math.log(len(grid))
+    closed = k * normal_z**2 - math.log(special.hyp1f1(0.5, 1.5, k)) - math.log(len(grid))
     assert np.abs(log_p - closed).max() < 0.01
     assert np.allclose(so3.watson_log_prior(grid, 0.0), -math.log(len(grid)))
 
@@ -132,10 +143,13 @@ def test_kl_terms_against_closed_forms():
     enc = m.encoder(x)
     ref = torch.distributions.kl_divergence(
         torch.distributions.Normal(enc["t_mu"], enc["t_logsd"].exp()),
-        torch.distributions.Normal(0.0, 2.0 * m.pixel)).sum(-1)
+        torch.distributions.Normal(0.0, 2.0 * m.pixel),
+    ).sum(-1)
     assert torch.allclose(parts["kl_shift"], ref, rtol=1e-4)
     # The negative ELBO is rec + KL(rotation) + KL(shift) (no content latents here).
-    assert torch.allclose(total, (parts["rec"] + parts["kl_angle"] + parts["kl_shift"]).mean(), rtol=1e-4)
+    assert torch.allclose(
+        total, (parts["rec"] + parts["kl_angle"] + parts["kl_shift"]).mean(), rtol=1e-4
+    )
 
 
 def _pose_windows(n, seed):
@@ -147,18 +161,47 @@ def _pose_windows(n, seed):
     return (x + rng.normal(0, 0.05, x.shape)).astype(np.float32), q
 
 
-def test_a_briefly_trained_model_recovers_poses_an_untrained_one_does_not():
+def test_a_briefly_trained_model_recovers_poses_an_untrained_one_does_not(tmp_path):
     torch.set_num_threads(1)
     x, q = _pose_windows(400, 0)
-    m = RVAE3D(16, latent_dim=0, so3_grid=576, epochs=16, batch_size=32, lr=0.01, kl_warmup_epochs=0,
-               likelihood_sd=0.1, patience=0, seed=0)
-    within = lambda model: float((so3.align(model.encode(x)["quaternion"], q)["errors"] < math.radians(15)).mean())
+    m = RVAE3D(
+        16,
+        latent_dim=0,
+        so3_grid=576,
+        epochs=16,
+        batch_size=32,
+        lr=0.01,
+        kl_warmup_epochs=0,
+        likelihood_sd=0.1,
+        patience=0,
+        seed=0,
+    )
+    within = lambda model: float(
+        (so3.align(model.encode(x)["quaternion"], q)["errors"] < math.radians(15)).mean()
+    )
     untrained = within(m)
     m.fit(x, progress=False)
     trained = within(m)
     # Chance: a 15-degree ball holds 0.1 % of SO(3).
     assert untrained < 0.05
     assert trained > 0.3
+    # fit read the body axis at its training windows' poses; the checkpoint keeps it and
+    # encoded tilts are measured from it.
+    axis = m.body_axis()
+    assert m.trained_axis is not None and np.isclose(np.linalg.norm(axis), 1.0)
+    m.save(tmp_path / "m.pt")
+    again = load_model(tmp_path / "m.pt")
+    assert np.allclose(again.body_axis(), axis)
+    enc = again.encode(x[:8])
+    assert np.allclose(enc["tilt"], so3.tilt(enc["quaternion"], axis), atol=1e-5)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["body_axis"] = [0.0, 0.0]
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(
+        InputError, match="'body_axis' is \\[0.0, 0.0\\]; expected three finite numbers"
+    ) as err:
+        load_model(tmp_path / "bad.pt")
+    assert "\n" not in str(err.value)
 
 
 def test_bad_input_is_one_line():
@@ -204,7 +247,10 @@ def test_encoding_finds_the_best_pose_between_grid_rotations_and_outside_the_bes
     clean = np.stack([analytic_projection(v, (0, 0)) for v in q])
     x = (clean + rng.normal(0, 0.1 * clean.max(), clean.shape)).astype(np.float32)
     enc = m.encode(x, device="cpu")
-    fitted = m.decode(enc["z"], enc["quaternion"], enc["dx"], enc["dy"]) + enc["background"][:, None, None]
+    fitted = (
+        m.decode(enc["z"], enc["quaternion"], enc["dx"], enc["dy"])
+        + enc["background"][:, None, None]
+    )
     at_truth = m.decode(enc["z"], q) + enc["background"][:, None, None]
     assert (((fitted - x) ** 2).sum((1, 2)) <= ((at_truth - x) ** 2).sum((1, 2))).mean() >= 0.95
     err = np.degrees(so3.geodesic(enc["quaternion"], q))
@@ -219,7 +265,7 @@ def rod_volume(direction, size=32, noise=0.0, seed=0):
     p = np.stack([xx, yy, zz], -1)
     s = p @ direction
     along = np.clip(1 - np.maximum(np.abs(s) - 9, 0) / 1.5, 0, 1)
-    v = along * np.exp(-((p ** 2).sum(-1) - s ** 2) / (2 * 1.4 ** 2))
+    v = along * np.exp(-((p**2).sum(-1) - s**2) / (2 * 1.4**2))
     return v + noise * v.max() * np.random.default_rng(seed).normal(size=v.shape)
 
 
@@ -235,3 +281,94 @@ def test_body_axis_is_a_rods_axis_and_tilt_follows_it():
         q = rng.normal(size=(5, 4))
         expected = np.degrees(np.arcsin(np.abs([quat_matrix(v)[2] @ u for v in q])))
         assert np.abs(np.degrees(so3.tilt(q, axis)) - expected).max() < 3.0
+
+
+def _mirror_blend(alpha, size=32):
+    """The chiral blobs blended with their mirror image through the body plane z = 0: (1 - alpha) (V + V_M) / 2 + alpha V.
+
+    alpha = 0: a body with a mirror plane, whose projection at ``so3.mirror(q)`` equals the one
+    at ``q`` (the two branches tie); alpha = 1: the chiral body (the mirror pose fits badly).
+    """
+    mirrored = CENTRES * np.array([1.0, 1.0, -1.0])
+    return (1 - alpha) * (
+        voxelise(CENTRES, size) + voxelise(mirrored, size)
+    ) / 2 + alpha * voxelise(CENTRES, size)
+
+
+def _band_residual(a, b, pad):
+    """Squared residual of images a - b (n, H, W) over the frequencies below SEARCH_BAND (zero-padded to pad x pad, Parseval)."""
+    from rvae_tools.rvae.rvae3d import SEARCH_BAND
+
+    big = np.zeros((len(a), pad, pad))
+    big[:, : a.shape[1], : a.shape[2]] = a - b
+    k = np.fft.fftfreq(pad)
+    band = np.hypot(k[:, None], k[None, :]) <= max(2 / pad, SEARCH_BAND)
+    return (np.abs(np.fft.fft2(big)) ** 2 * band).sum((1, 2)) / pad**2
+
+
+def _encode_blend(alpha, n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    q = so3.random_rotations(n, rng)
+    probe = model_with_volume(_mirror_blend(alpha))
+    clean = probe.decode(np.zeros((n, 0)), q)
+    sd = 0.1 * float(clean.max())
+    m = model_with_volume(_mirror_blend(alpha), likelihood_sd=sd)
+    x = (clean + rng.normal(0, sd, clean.shape)).astype(np.float32)
+    return m, x, m.encode(x, device="cpu"), sd
+
+
+def test_mirror_prob_is_one_half_for_a_mirror_symmetric_body_and_zero_for_a_chiral_one():
+    # Deliver 2: a projection cannot tell pose q of a body from so3.mirror(q) of its mirror image.
+    # For a body that is its own mirror image the two branches fit equally (mass 1/2 each); for
+    # a chiral body only one of them fits. A constant mirror_prob fails one of the two.
+    torch.set_num_threads(1)
+    for alpha, lo, hi in ((0.0, 0.4, 0.6), (1.0, 0.0, 0.05)):
+        _, _, enc, _ = _encode_blend(alpha)
+        mp = enc["mirror_prob"]
+        finite = mp[np.isfinite(mp)]
+        # NaN only where q and its mirror are too close to tell apart (nearly flat): a few windows.
+        assert len(finite) >= 8
+        assert np.all((finite >= lo) & (finite <= hi)), (alpha, finite)
+
+
+def test_mirror_prob_is_the_posterior_mass_of_the_mirror_branch():
+    # A body slightly chiral: the mirror branch fits a little worse, by an amount that differs
+    # between poses. Its posterior mass, worked out here from the band-limited Gaussian
+    # likelihood at the encoded pose and at its mirror (two branches, uniform prior), must be
+    # what encode reports.
+    torch.set_num_threads(1)
+    m, x, enc, sd = _encode_blend(0.04, n=16, seed=1)
+    fit_self = m.decode(enc["z"], enc["quaternion"], enc["dx"], enc["dy"])
+    fit_mirror = m.decode(enc["z"], so3.mirror(enc["quaternion"]), enc["dx"], enc["dy"])
+    xc = x - enc["background"][:, None, None]
+    pad = 2 * m.decoder.size
+    gap = (_band_residual(xc, fit_mirror, pad) - _band_residual(xc, fit_self, pad)) / (2 * sd**2)
+    expected = 1 / (1 + np.exp(np.clip(gap, -50, 50)))
+    mp = enc["mirror_prob"]
+    ok = np.isfinite(mp)
+    assert ok.sum() >= 12
+    # The poses span the transition, so a constant cannot pass.
+    assert np.ptp(expected[ok]) > 0.3
+    assert np.mean(np.abs(mp[ok] - expected[ok])) < 0.1
+    from scipy.stats import spearmanr
+
+    assert spearmanr(mp[ok], expected[ok])[0] > 0.7
+
+
+def test_tilt_sd_is_calibrated_when_the_volume_is_right():
+    # The true rod volume, noisy windows (SNR 5) at poses uniform over SO(3): the true tilt lies
+    # within 1 / 2 tilt_sd of the encoded tilt about as often as a calibrated spread says
+    # (68 / 95 %), near the image plane too, where the tilt is poorly determined (a projection's
+    # length changes with cos(tilt)) and a Laplace spread was too narrow.
+    torch.set_num_threads(1)
+    u = np.array([1.0, 0.0, 0.0])
+    rng = np.random.default_rng(4)
+    q = so3.random_rotations(40, rng)
+    clean = model_with_volume(rod_volume(u)).decode(np.zeros((40, 0)), q)
+    sd = 0.2 * float(clean.max())
+    m = model_with_volume(rod_volume(u), likelihood_sd=sd)
+    enc = m.encode((clean + rng.normal(0, sd, clean.shape)).astype(np.float32), device="cpu")
+    true = np.arcsin(np.abs([quat_matrix(v)[2] @ u for v in q]))
+    z = np.abs(enc["tilt"] - true) / enc["tilt_sd"]
+    assert 0.5 <= np.mean(z <= 1) <= 0.9
+    assert np.mean(z <= 2) >= 0.85
