@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{args.movie_dir}: movie results folder not found")
     written = draw_all(args.movie_dir, args.output, formats=settings["formats"], dpi=int(settings["dpi"]),
                        options={"trajectories": settings["trajectories"], "max_points": settings["max_points"],
+                                "max_windows": settings["max_windows"],
                                 "seed": settings["seed"], "model_path": args.model})
     if not written:
         raise InputError(f"{args.movie_dir}: no stage output found to draw figures from "

@@ -91,3 +91,19 @@ def test_every_declared_dynamics_figure_has_a_report_caption(repo):
         caption = repo / "workflow" / "report" / f"{stem}.rst"
         assert caption.read_text().strip(), stem
     assert (repo / "workflow" / "report" / "workflow.rst").exists()
+
+
+def test_whole_movie_figures_read_a_sample_of_whole_trajectories_only_beyond_the_limit(movie_dir, tmp_path):
+    from rvae_tools.plots.style import sample_trajectories
+
+    assert sample_trajectories(30, 24, 720, seed=1) == slice(None)  # 720 values: all of them
+    rows = sample_trajectories(30, 24, 719, seed=1)
+    assert len(rows) == 719 // 24 and len(set(rows)) == len(rows) and (np.diff(rows) > 0).all()
+    assert (rows == sample_trajectories(30, 24, 719, seed=1)).all()
+    scatter = "dynamics_latent_scatter.png"
+    for name, max_windows in (("whole", 10**6), ("limit", 720), ("sampled", 200)):
+        dynamics_plots.draw(movie_dir, tmp_path / name, formats=("png",), dpi=50, max_windows=max_windows)
+    assert (tmp_path / "whole" / scatter).read_bytes() == (tmp_path / "limit" / scatter).read_bytes()
+    # 8 of the 30 trajectories: fewer points, another figure (and still one).
+    assert (tmp_path / "sampled" / scatter).read_bytes() != (tmp_path / "whole" / scatter).read_bytes()
+    assert (tmp_path / "sampled" / scatter).stat().st_size > 1000

@@ -16,7 +16,7 @@ import xarray as xr
 
 from ..errors import InputError
 from ..io import open_zarr
-from .style import new_figure, save_figure
+from .style import new_figure, sample_trajectories, save_figure
 
 #: Inputs under results/{movie} that :func:`draw` needs.
 INPUTS = ("latents.zarr", "dynamics.zarr")
@@ -186,7 +186,7 @@ def _trajectories(lat, dyn, out, n_tracks=8, **kw):
     axes = axes[:, 0]
     for i in order:
         pid = dyn["particle"].values[i]
-        axes[0].plot(t, np.degrees(dyn["angle_unwrapped"].values[i]), lw=1, label=str(pid))
+        axes[0].plot(t, np.degrees(dyn["angle_unwrapped"].isel(particle=i).values), lw=1, label=str(pid))
         for k in range(rows - 1):
             axes[k + 1].plot(t, lat["z"].isel(particle=i, latent=k).values, lw=1)
     axes[0].set_ylabel("angle, unwrapped (deg)")
@@ -197,11 +197,12 @@ def _trajectories(lat, dyn, out, n_tracks=8, **kw):
     return fig
 
 
-def _latent_scatter(lat, dyn, out, max_points=20000, seed=0, **kw):
+def _latent_scatter(lat, dyn, out, max_points=20000, seed=0, max_windows=1_000_000, **kw):
     fig, ax = new_figure(figsize=(5.5, 4.5))
     if "z" not in lat.variables or lat.sizes.get("latent", 0) < 2:
         ax.text(0.5, 0.5, "fewer than 2 content latents", ha="center", transform=ax.transAxes)
         return fig
+    lat = lat.isel(particle=sample_trajectories(lat.sizes["particle"], lat.sizes["frame"], max_windows, seed))
     z1 = lat["z"].isel(latent=0).values.ravel()
     z2 = lat["z"].isel(latent=1).values.ravel()
     t, unit = _time(dyn)
@@ -340,7 +341,7 @@ _DRAWERS = {
 
 
 def draw(movie_dir: str | os.PathLike, figures_dir: str | os.PathLike, *, formats=("png", "svg"), dpi: int = 150,
-         trajectories: int = 8, max_points: int = 20000, seed: int = 0) -> list[Path]:
+         trajectories: int = 8, max_points: int = 20000, seed: int = 0, max_windows: int = 1_000_000) -> list[Path]:
     """Draw every figure of :data:`FIGURES` from ``movie_dir``'s latents and dynamics.
 
     Parameters
@@ -355,6 +356,9 @@ def draw(movie_dir: str | os.PathLike, figures_dir: str | os.PathLike, *, format
         Number of the longest tracks in the single-particle figure.
     max_points : int
         Points drawn at most in the latent scatter.
+    max_windows : int
+        (trajectory, frame) values the latent scatter reads at most (whole trajectories are
+        sampled beyond it, see :func:`~rvae_tools.plots.style.sample_trajectories`).
 
     Returns
     -------
@@ -362,11 +366,12 @@ def draw(movie_dir: str | os.PathLike, figures_dir: str | os.PathLike, *, format
         The files written.
     """
     movie_dir = Path(movie_dir)
-    lat = open_zarr(movie_dir / "latents.zarr", required=["angle", "x", "y"], what="latents store").load()
-    dyn = open_zarr(movie_dir / "dynamics.zarr", required=["S_n", "n_particles"], what="dynamics store").load()
+    # Opened lazily: each figure reads only the frames, trajectories and variables it draws.
+    lat = open_zarr(movie_dir / "latents.zarr", required=["angle", "x", "y"], what="latents store", chunks=None)
+    dyn = open_zarr(movie_dir / "dynamics.zarr", required=["S_n", "n_particles"], what="dynamics store", chunks=None)
     written: list[Path] = []
     for stem, drawer in _DRAWERS.items():
         fig = drawer(lat, dyn, figures_dir, movie_dir=movie_dir, n_tracks=trajectories, max_points=max_points,
-                     seed=seed)
+                     seed=seed, max_windows=max_windows)
         written += save_figure(fig, figures_dir, stem, formats=formats, dpi=dpi)
     return written

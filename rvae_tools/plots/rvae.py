@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..io import open_zarr
-from .style import new_figure, save_figure
+from .style import new_figure, sample_trajectories, save_figure
 
 FIGURES = {
     "rvae_manifold": (
@@ -168,6 +168,8 @@ def draw(
     formats=("png", "svg"),
     dpi: int = 150,
     model_path: str | os.PathLike | None = None,
+    max_windows: int = 1_000_000,
+    seed: int = 0,
 ) -> list[Path]:
     """Write every figure of :data:`FIGURES` for one movie; returns the written paths.
 
@@ -179,12 +181,17 @@ def draw(
         Where the figures go (``results/{movie}/figures``).
     model_path : path
         The model the movie's latents were encoded with (required for these figures).
+    max_windows, seed
+        (trajectory, frame) values of the latents read at most, and the seed of the whole
+        trajectories sampled beyond (see :func:`~rvae_tools.plots.style.sample_trajectories`).
     """
     from ..rvae import load_model
 
     movie_dir = Path(movie_dir)
     patches = open_zarr(movie_dir / "patches.zarr", required=["window", "particle", "frame"], what="patches store")
     latents = open_zarr(movie_dir / "latents.zarr", required=["angle", "dx", "dy", "z"], what="latents store")
+    latents = latents.isel(particle=sample_trajectories(latents.sizes["particle"], latents.sizes["frame"],
+                                                        max_windows, seed))
     if model_path is None:
         raise InputError(f"{movie_dir}: no rVAE model given for the latent-manifold figures; pass --model MODEL.pt")
     model = load_model(model_path)

@@ -33,6 +33,18 @@ def new_figure(*args, **kwargs):
         return plt.subplots(*args, **kwargs)
 
 
+def sample_trajectories(n_particles: int, n_frames: int, max_windows: int, seed: int = 0):
+    """Trajectories a whole-movie figure reads: all (``slice(None)``) when they hold at most
+    ``max_windows`` (trajectory, frame) values, else a seeded random subset of whole
+    trajectories (sorted indices) that does, so the figure's memory does not grow with the movie."""
+    if n_particles * max(n_frames, 1) <= max_windows:
+        return slice(None)
+    import numpy as np
+
+    keep = max(1, int(max_windows) // max(n_frames, 1))
+    return np.sort(np.random.default_rng(seed).choice(n_particles, keep, replace=False))
+
+
 def save_figure(
     fig,
     figures_dir: str | os.PathLike,
