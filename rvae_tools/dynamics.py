@@ -10,9 +10,13 @@ per section, each returning an ``xarray.Dataset`` on named dims (:func:`frame_co
 :func:`latent_statistics`, :func:`circular_statistics`, :func:`orientational_order`,
 :func:`neighbour_order`, :func:`classical_order`, :func:`pair_correlations`,
 :func:`rotational_dynamics`, :func:`translational_dynamics`, :func:`ordering_transition`),
-merged at the end. Trajectories are processed in chunks (``dynamics.chunk``) and the order
-parameters are kept as sums per bootstrap unit, species and frame, so memory does not grow
-with particles x frames complex arrays.
+merged at the end. No (particle, frame) grid of the movie is ever whole in memory:
+``latents.zarr`` is read a chunk of trajectories (``dynamics.chunk``) or a block of frames of
+as many values at a time (:class:`LatentGrids`), per-trajectory dynamics are computed chunk by
+chunk, the order parameters are kept as sums per bootstrap unit, species and frame (all the
+transition's bootstrap needs), and the (particle, frame) outputs are dask arrays computed
+block by block as the store is written (:func:`_lazy_grids`). Results equal a single chunk's
+to float rounding.
 
 Angles
 ------
@@ -1122,8 +1126,9 @@ class LatentGrids:
         start, stop, _ = rows.indices(self.shape[0])
         parts = [np.asarray(v.isel(particle=piece, frame=frames).values, dtype=float)
                  for piece in _row_chunks(stop, max(self.chunk, int(along)), start)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else \
-            np.asarray(v.isel(particle=rows, frame=frames).values, dtype=float)
+        if not parts:  # no trajectory selected: an empty block of the right shape
+            return np.asarray(v.isel(particle=rows, frame=frames).values, dtype=float)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def read(self, name: str, rows: slice = slice(None), frames: slice = slice(None)) -> np.ndarray:
         """One variable (or ``present``) for those trajectories and frames, NaN where it does not count."""
