@@ -66,8 +66,9 @@ VECTORS = {
 POSE_3D = {
     "quaternion": ("1", "3D pose: unit quaternion (w, x, y, z), body -> lab, w >= 0 (lab z = viewing axis)"),
     "quaternion_sd": ("rad", "geodesic spread of the 3D pose posterior about the quaternion (same mirror branch)"),
-    "mirror_prob": ("1", ("posterior mass of the mirror pose (a projection cannot tell it apart); NaN where "
-                          "the two poses are within one grid cell")),
+    "mirror_prob": ("1", ("posterior mass of the mirror pose (a projection cannot tell it apart): 1/2 for a "
+                          "body that is its own mirror image, near 0 for a chiral one; NaN where the two "
+                          "poses are within two grid cells")),
     "in_plane_angle": ("rad", "angle of the body axis projected onto the image, from +x towards +y"),
     "tilt": ("rad", "angle between the body axis and the image plane (0 = lying flat, pi/2 = end-on)"),
     "tilt_sd": ("rad", "spread of the tilt"),
