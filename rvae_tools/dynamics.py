@@ -387,15 +387,20 @@ def _profile_grid(t: np.ndarray, Y: np.ndarray, tcs: np.ndarray, widths: np.ndar
     tc_g = tcs[None, :] if shared else tcs
     w_g = widths[None, :] if shared else widths
     k_g = sats[None, :] if shared else sats
-    S = ramp(t[None, None, :], tc_g[..., None], w_g[..., None], k_g[..., None])  # (1|B, G, F)
     n = W.sum(1)[:, None]
     if shared:
-        S2 = S[0]
+        S2 = ramp(t[None, None, :], tc_g[..., None], w_g[..., None], k_g[..., None])[0]  # (G, F)
         ss, sss, sys_ = W @ S2.T, W @ (S2 ** 2).T, Yz @ S2.T
     else:
-        ss = np.einsum("bf,bgf->bg", W, S)
-        sss = np.einsum("bf,bgf->bg", W, S ** 2)
-        sys_ = np.einsum("bf,bgf->bg", Yz, S)
+        # One grid per row (the bootstrap's resamples): the (rows, G, F) ramps are made a block
+        # of rows at a time, at most about 2 million values (200 resamples x 287 grid points
+        # x 1000 frames would be 460 MB at once).
+        ss, sss, sys_ = (np.empty(tc_g.shape) for _ in range(3))
+        for b in _row_chunks(len(Y), max(1, 2_000_000 // max(tc_g.shape[1] * len(t), 1))):
+            S = ramp(t[None, None, :], tc_g[b, :, None], w_g[b, :, None], k_g[b, :, None])  # (rows, G, F)
+            ss[b] = np.einsum("bf,bgf->bg", W[b], S)
+            sss[b] = np.einsum("bf,bgf->bg", W[b], S ** 2)
+            sys_[b] = np.einsum("bf,bgf->bg", Yz[b], S)
     sy = Yz.sum(1)[:, None]
     syy = (Yz ** 2).sum(1)[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
