@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from _memory import chunked_against_one_chunk, peak_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,28 +65,6 @@ def write_store(path: Path, n_trajectories: int, n_frames: int, seed: int = 0) -
     write_zarr(ds, path, encoding={name: {"chunks": _chunks(ds[name].shape)} for name in ds.data_vars})
 
 
-def peak_run(command: list[str]) -> dict[str, float]:
-    """Run ``command``; its wall seconds and peak resident MB (the child and its descendants)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"bench/dynamics_memory.py: {' '.join(command[:3])} failed:\n{err[-2000:]}")
-    return {"s": round(time.perf_counter() - start, 2), "peak_mb": round(usage.ru_maxrss / 1024.0, 1)}
-
-
-def slope(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares slope of log(y) against log(x)."""
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
-    if len(pts) < 2:
-        return None
-    mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
-    den = sum((p[0] - mx) ** 2 for p in pts)
-    return round(sum((p[0] - mx) * (p[1] - my) for p in pts) / den, 3) if den else None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trajectories", type=int, nargs="+", default=[1000, 5000])
@@ -115,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, chunk in (("chunked", None), ("one_chunk", max(n, 16))):
                 settings = {"bootstrap": args.bootstrap, **({"chunk": chunk} if chunk else {})}
                 run[label] = peak_run([tool, "dynamics", str(store), "-o", str(work / f"{label}.zarr"),
-                                       "--settings", json.dumps(settings)])
+                                       "--settings", json.dumps(settings)], what="bench/dynamics_memory.py")
                 shutil.rmtree(work / f"{label}.zarr", ignore_errors=True)
             run["memory_ratio"] = round(run["chunked"]["peak_mb"] / run["one_chunk"]["peak_mb"], 3)
             runs.append(run)
@@ -126,18 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    cells = [r["cells"] for r in runs]
-    summary = {
-        "benchmark": "dynamics_memory",
-        "runs": runs,
-        "chunked_memory_slope": slope(cells, [r["chunked"]["peak_mb"] for r in runs]),
-        "one_chunk_memory_slope": slope(cells, [r["one_chunk"]["peak_mb"] for r in runs]),
-        "chunked_growth": round(runs[-1]["chunked"]["peak_mb"] / runs[0]["chunked"]["peak_mb"], 3) if runs else None,
-        "one_chunk_growth": round(runs[-1]["one_chunk"]["peak_mb"] / runs[0]["one_chunk"]["peak_mb"], 3)
-        if runs else None,
-    }
-    print(f"memory growth from {cells[0]} to {cells[-1]} cells: chunked x{summary['chunked_growth']}, "
-          f"one chunk x{summary['one_chunk_growth']}")
+    summary = chunked_against_one_chunk("dynamics_memory", runs)
     print(json.dumps(summary))
     return 0
 

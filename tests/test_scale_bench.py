@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from _bench import load_bench
 
 scale = load_bench("scale")
@@ -47,3 +48,16 @@ def test_slope_is_the_growth_exponent():
     assert scale.slope([1, 2, 4], [3.0, 6.0, 12.0]) == 1.0
     assert scale.slope([1, 2, 4], [5.0, 5.0, 5.0]) == 0.0
     assert abs(scale.slope([1, 4], [2.0, 4.0]) - 0.5) < 1e-3
+
+
+def test_memory_benchmarks_count_the_command_not_the_process_that_starts_it():
+    """Linux carries a parent's peak into an exec'd child's ru_maxrss; the launcher must not."""
+    memory = load_bench("_memory")
+    ballast = bytearray(600 * 2**20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])  # resident, not just reserved
+    stage = [sys.executable, "-c", "b = bytearray(200 * 2**20); b[::4096] = b'\\x01' * len(b[::4096])"]
+    run = memory.peak_run(stage)
+    assert 200 <= run["peak_mb"] < 400, run
+    del ballast
+    with pytest.raises(SystemExit, match="bench: .* failed"):
+        memory.peak_run([sys.executable, "-c", "import sys; sys.exit(3)"])
