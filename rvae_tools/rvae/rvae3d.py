@@ -113,10 +113,6 @@ _SHIFT_PATTERN = torch.tensor([[a, b] for a in (0.0, -1.0, 1.0) for b in (0.0, -
 #: Poses (uniform over SO(3)) at which :meth:`RVAE3D.body_axis` reads the long axis of the
 #: model's projections when the model has not read it at its training windows' poses.
 AXIS_POSES = 576
-#: Training windows (evenly spaced) encoded after training; :meth:`RVAE3D.body_axis` reads the
-#: long axis of the model's projections at their poses.
-AXIS_WINDOWS = 128
-#: Weight of the uniform poses beside the training poses in :meth:`RVAE3D.body_axis`.
 AXIS_UNIFORM_WEIGHT = 0.1
 
 
@@ -436,8 +432,6 @@ class RVAE3D(RVAE):
             1
         )  # unused; the 3D prior depends on the grid (see _log_prior)
         self._rng = np.random.default_rng(int(s["seed"]) + 3)
-        #: The body axis :meth:`fit` read at the training windows' poses (None: not trained here).
-        self.trained_axis: np.ndarray | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -575,24 +569,6 @@ class RVAE3D(RVAE):
 
     # ------------------------------------------------------------------ inference
 
-    def fit(self, windows, **kwargs):
-        """Train (as :meth:`.model.RVAE.fit`), then read the body axis at the training windows' poses (:meth:`body_axis`)."""
-        history = super().fit(windows, **kwargs)
-        from .data import WindowSource
-
-        source = (
-            windows
-            if hasattr(windows, "read") and hasattr(windows, "iter_batches")
-            else WindowSource(windows)
-        )
-        n = len(source)
-        if n:
-            index = np.unique(np.linspace(0, n - 1, min(n, AXIS_WINDOWS)).round().astype(np.int64))
-            self.trained_axis = None
-            enc = self.encode(source.read(index), device=kwargs.get("device", "auto"))
-            self.trained_axis = self.body_axis(enc["quaternion"], enc["z"])
-        return history
-
     def _axis_scatter(self, poses: np.ndarray, z: np.ndarray | None) -> np.ndarray:
         """Mean of ``(R_i^T n_i)(R_i^T n_i)^T`` (3, 3) over the model's projections at ``poses`` (n, 4) (see :meth:`body_axis`)."""
         grid = so3.normalise(np.asarray(poses, dtype=np.float64))
@@ -631,20 +607,17 @@ class RVAE3D(RVAE):
         where its unobservable roll leaves the volume unconstrained) that pulled the 3D moment
         axis 7-13 deg off the axis the encoded poses follow.
 
-        The poses: ``poses`` (n, 4) with contents ``z`` (n, k) where given; else, for a trained
-        model, the axis :meth:`fit` read at the encoded poses of ``AXIS_WINDOWS`` training
-        windows (stored in the checkpoint); else ``AXIS_POSES`` rotations uniform over SO(3)
-        (mean content). Given poses are joined by the uniform ones at weight
-        ``AXIS_UNIFORM_WEIGHT``. Why the training poses: the spurious density shows at poses the data do
-        not take (a rod's unused rolls), so the axis read over all of SO(3) was 9 deg off the
-        axis the encoded poses follow (bench/orientation3d.py rod, 800 windows, 6 epochs, grid
-        576: 0.9 deg at the encoded poses).
+        The poses: ``AXIS_POSES`` rotations uniform over SO(3) (mean content); given ``poses``
+        (n, 4) with contents ``z`` (n, k) are joined by the uniform ones at weight
+        ``AXIS_UNIFORM_WEIGHT``. Reading the axis at the encoded poses of the training windows
+        instead was tried and left out: it was 0.9 deg off the axis the poses follow where the
+        uniform poses were 9 deg off (bench/orientation3d.py rod, 800 windows, grid 576), but 8.4
+        deg off against 2.6 at the bench's default size (1500 windows, grid 1152), where it took
+        the rod's tilt error from 3.6 to 5.4 deg.
 
         The sign points to the heavier end (third moment of the volume along the axis), so the
         axis is a direction for an asymmetric body (and arbitrary but fixed for an end-symmetric rod).
         """
-        if poses is None and getattr(self, "trained_axis", None) is not None:
-            return np.array(self.trained_axis, dtype=np.float64)
         scatter = self._axis_scatter(so3.super_fibonacci(AXIS_POSES), None)
         if poses is not None:
             # The uniform poses with a small weight only settle what the given poses leave open:
@@ -1055,13 +1028,6 @@ class RVAE3D(RVAE):
 
     # ------------------------------------------------------------------ persistence
 
-    def state(self) -> dict[str, Any]:
-        """The checkpoint's contents (:meth:`.model.RVAE.state`) plus ``body_axis``, the axis :meth:`fit` read."""
-        payload = super().state()
-        if getattr(self, "trained_axis", None) is not None:
-            payload["body_axis"] = [float(v) for v in self.trained_axis]
-        return payload
-
     @classmethod
     def from_state(cls, payload: dict[str, Any], source: str = "checkpoint") -> RVAE3D:
         kind = payload.get("kind") if isinstance(payload, dict) else None
@@ -1070,13 +1036,4 @@ class RVAE3D(RVAE):
                 f"{source}: checkpoint holds a {kind!r} model (in-plane angle), not an {MODEL_KIND} model "
                 "(3D rotation); train rvae3d or load it with rvae.model: " + str(kind)
             )
-        model = super().from_state(payload, source)
-        axis = payload.get("body_axis")
-        if axis is not None:
-            axis = np.asarray(axis, dtype=np.float64)
-            if axis.shape != (3,) or not np.all(np.isfinite(axis)) or np.linalg.norm(axis) < 1e-9:
-                raise InputError(
-                    f"{source}: 'body_axis' is {payload['body_axis']!r}; expected three finite numbers, not all 0"
-                )
-            model.trained_axis = axis / np.linalg.norm(axis)
-        return model
+        return super().from_state(payload, source)
