@@ -18,10 +18,11 @@ import yaml
 from _workflow import REPO, shared_small_config, shared_small_run, tool_env
 
 import rvae_tools
-from rvae_tools.config import stage_settings, validate_config
+from rvae_tools.config import movie_frames, stage_settings, validate_config, without_workflow_keys
 from rvae_tools.inspect import resolve_settings
 from rvae_tools.io import table_metadata
 from rvae_tools.provenance import config_hash, file_sha256
+from rvae_tools.track import resolve_min_length
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +67,11 @@ def _check_common(path: Path, prov: dict[str, str], config: dict) -> None:
     section = _SECTION.get(prov.get("stage", ""))
     if section:
         # A simulated movie has no inspection: every `auto` setting takes its documented fallback,
-        # and the store records the value it used.
-        settings, _ = resolve_settings(section, stage_settings(config, section, "demo"))
+        # and the store records the value it used; keys that only split the stage into jobs
+        # (segment.frame_chunk) never reach the command.
+        settings, _ = resolve_settings(section, without_workflow_keys(section, stage_settings(config, section, "demo")))
+        if section == "track":  # min_length `auto` follows the movie's length
+            settings = resolve_min_length(settings, movie_frames(config, "demo"))
         assert prov["config_hash"] == config_hash(settings), (
             f"{path}: config_hash {prov['config_hash']} != hash of the '{section}' settings of the run"
         )
